@@ -1,0 +1,26 @@
+"""Input pipeline: deterministic, host-sharded image-classification batches as numpy dicts.
+
+    cfg = default_data_config()                      # embedded CIFAR-10 subset, offline
+    train = build_dataset(cfg, cfg.train_split, train=True, seed=0)
+    for step, batch in prefetch(train, start, stop, global_batch, jax.process_index(),
+                                jax.process_count()):
+        ...                                          # batch['image'] f32 [b,H,W,3], ['label'] i32 [b]
+    for batch in build_dataset(cfg, cfg.eval_split, train=False, seed=0).eval_batches(256):
+        ...                                          # plus batch['mask'] f32 [b], 0 on padding
+
+Sources (`data.source`): 'embedded' (10,000 / 2,000 CIFAR-10 JPEGs in the package),
+'tfds' (any TFDS image-classification dataset prepared as array_record), 'folder'
+(root/<class>/*.jpg). Batch `step` is a pure function of (seed, step), for any number of
+hosts; turning host-local batches into global jax arrays is `scaling.parallel`'s job.
+"""
+from scaling.data.augment import Transform
+from scaling.data.config import default_data_config, validate_data_config
+from scaling.data.pipeline import Dataset, Prefetcher, build_dataset, build_source, prefetch
+from scaling.data.sources import (ArraySource, FolderSource, Source, SubsetSource, decode_image,
+                                  embedded_source)
+
+__all__ = [
+    "ArraySource", "Dataset", "FolderSource", "Prefetcher", "Source", "SubsetSource",
+    "Transform", "build_dataset", "build_source", "decode_image", "default_data_config",
+    "embedded_source", "prefetch", "validate_data_config",
+]
