@@ -1,0 +1,129 @@
+"""Train-step speed of one model: images/s, compile time, achieved GFLOP/s and its fraction of
+this machine's matmul rate, and the real input pipeline against in-memory data.
+
+    python benchmarks/train_step.py --model wrn_16_2 --batch 128 --resolution 32
+    python benchmarks/train_step.py --model wrn_16_1 --compare-xla-flag   # flag on vs off
+
+Figures are printed, never asserted.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import scaling  # noqa: E402,F401  (CPU XLA defaults before jax loads)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from scaling import data as data_lib  # noqa: E402
+from scaling import parallel, profile  # noqa: E402
+from scaling.models import create_model, model_info  # noqa: E402
+from scaling.train.state import create_state  # noqa: E402
+from scaling.train.step import make_train_step  # noqa: E402
+
+
+def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def bench(args) -> dict:
+    info = model_info(args.model)
+    size = args.resolution or info["resolution"]
+    model = create_model(args.model, num_classes=args.num_classes)
+    mesh = parallel.make_mesh()
+    tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
+    state = parallel.replicate(create_state(model, tx, jax.random.PRNGKey(0), (size, size, 3)), mesh)
+    shard = parallel.batch_sharding(mesh)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.standard_normal((args.batch, size, size, 3)).astype(np.float32),
+             "label": rng.integers(0, args.num_classes, args.batch).astype(np.int32)}
+    gbatch = parallel.to_global(batch, shard)
+    step = make_train_step(model, tx, mesh)
+    t = time.perf_counter()
+    compiled = step.lower(state, gbatch).compile()
+    compile_s = time.perf_counter() - t
+    flops = profile.compiled_flops(compiled) if hasattr(profile, "compiled_flops") else None
+    state, m = compiled(state, gbatch)  # warm-up
+    jax.block_until_ready(m)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        state, m = compiled(state, gbatch)
+    jax.block_until_ready(m)
+    step_s = (time.perf_counter() - t) / args.steps
+    out = {"model": args.model, "batch": args.batch, "resolution": size,
+           "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
+           "images_per_s": round(args.batch / step_s, 1)}
+    if flops:
+        out["step_gflop"] = round(flops / 1e9, 2)
+        out["achieved_gflops"] = round(flops / step_s / 1e9, 1)
+        mm = matmul_gflops()
+        out["matmul_gflops"] = round(mm, 1)
+        out["fraction_of_matmul"] = round(flops / step_s / 1e9 / mm, 3)
+    if args.pipeline and size == 32:
+        cfg = data_lib.default_data_config()
+        ds = data_lib.build_dataset(cfg, "train", train=True, seed=0)
+        n = args.steps
+        t = time.perf_counter()
+        for _, local in data_lib.prefetch(ds, 0, n, args.batch):
+            pass
+        out["pipeline_only_images_per_s"] = round(n * args.batch / (time.perf_counter() - t), 1)
+        t = time.perf_counter()
+        for _, local in data_lib.prefetch(ds, 0, n, args.batch):
+            state, m = compiled(state, parallel.to_global(local, shard))
+        jax.block_until_ready(m)
+        out["with_pipeline_images_per_s"] = round(n * args.batch / (time.perf_counter() - t), 1)
+        out["in_memory_images_per_s"] = out["images_per_s"]
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="wrn_16_2")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--resolution", type=int, default=0)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--no-pipeline", dest="pipeline", action="store_false")
+    p.add_argument("--compare-xla-flag", action="store_true",
+                   help="also run with SCALING_CPU_CONV_FLAG=0 (XLA's default conv path)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    if args.compare_xla_flag:
+        base = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--batch",
+                str(args.batch), "--resolution", str(args.resolution), "--num-classes",
+                str(args.num_classes), "--steps", str(args.steps), "--no-pipeline", "--json"]
+        rows = []
+        for flag in ("1", "0"):
+            env = dict(os.environ, SCALING_CPU_CONV_FLAG=flag)
+            env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                        if "ynn_fusion" not in f)
+            res = subprocess.run(base, env=env, capture_output=True, text=True, check=True)
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        for r, name in zip(rows, ("conv flag on ", "XLA default  ")):
+            print(f"{name}: {r['images_per_s']:8.1f} img/s  step {r['step_s']:.3f} s  "
+                  f"compile {r['compile_s']:.1f} s  {r.get('achieved_gflops', '?')} GFLOP/s")
+        print(f"speed-up: {rows[0]['images_per_s'] / rows[1]['images_per_s']:.2f}x")
+        return
+    out = bench(args)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:28s} {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Experiments: what `launch.py` runs, chosen by `config.experiment`.
+
+Each experiment module has `validate(config, num_devices)` (cheap, before any compile)
+and `run(config, workdir) -> dict`.
+"""
+from __future__ import annotations
+
+import importlib
+
+EXPERIMENTS = {
+    "train": "experiments.train",
+}
+
+
+def get(name: str):
+    if name not in EXPERIMENTS:
+        raise ValueError(f"experiment: unknown {name!r}; use one of {', '.join(sorted(EXPERIMENTS))}.")
+    return importlib.import_module(EXPERIMENTS[name])

@@ -1,0 +1,90 @@
+"""The `train` config section and validation of a whole training config.
+
+Validation runs before anything is built or compiled and raises one ValueError that names
+the field and the allowed values.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from scaling.models import check_model_name, model_fields
+from scaling.train.optim import OPTIMIZERS, SCHEDULES
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        batch_size=128,             # global batch, split over every device of every host
+        eval_batch_size=512,
+        num_epochs=10.0,            # duration in epochs ...
+        num_steps=0,                # ... or in steps (wins when > 0)
+        optimizer="sgd",            # sgd | rmsprop | adam | adamw
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,          # skips norm scales and biases
+        schedule="cosine",          # cosine | step | exponential | constant
+        warmup_epochs=0.0,
+        end_factor=0.0,             # cosine ends at lr * end_factor
+        decay_epochs=(60, 120, 160),  # step schedule boundaries
+        decay_factor=0.2,           # step: x0.2 (WRN); exponential: 0.97 (EfficientNet)
+        decay_every_epochs=2.4,     # exponential schedule period
+        rmsprop_decay=0.9,
+        eps=1e-8,
+        b1=0.9,
+        b2=0.999,
+        label_smoothing=0.0,
+        grad_clip_norm=0.0,
+        compute_dtype="float32",    # float32 | bfloat16 (params stay float32)
+        log_every_steps=50,
+        eval_every_epochs=0.0,      # 0: evaluate at the end only
+        eval_every_steps=0,
+        checkpoint_every_steps=200,
+        keep_checkpoints=3,
+        progress_bar=True,
+    ))
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def validate_config(config: Any, num_devices: int | None = None) -> None:
+    """Checks a training config (model, data, train sections) before anything is compiled."""
+    from scaling.data import validate_data_config
+    from scaling.train.loop import COMPUTE_DTYPES
+
+    _check("model" in config and "name" in config.model, "model.name: missing; set the model to train.")
+    check_model_name(config.model.name, "model.name")
+    fields = model_fields(config.model.name)
+    for k in config.model:
+        if k != "name" and fields and k not in fields:
+            raise ValueError(f"model.{k}: {config.model.name!r} has no field {k!r}. "
+                             f"Its fields are: {', '.join(fields)}.")
+    validate_data_config(config.data)
+    t = config.train
+    _check(t.optimizer in OPTIMIZERS,
+           f"train.optimizer: unknown {t.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
+    _check(t.schedule in SCHEDULES,
+           f"train.schedule: unknown {t.schedule!r}; use one of {', '.join(SCHEDULES)}.")
+    _check(t.compute_dtype in COMPUTE_DTYPES,
+           f"train.compute_dtype: unknown {t.compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}.")
+    for name in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
+                 "keep_checkpoints"):
+        _check(int(t[name]) > 0, f"train.{name}={t[name]}: must be a positive integer.")
+    _check(t.num_steps > 0 or t.num_epochs > 0,
+           "train.num_epochs / train.num_steps: set one of them to a positive value.")
+    _check(t.lr > 0, f"train.lr={t.lr}: must be positive.")
+    _check(0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing={t.label_smoothing}: must be in [0, 1).")
+    _check(t.checkpoint_every_steps % t.log_every_steps == 0,
+           f"train.checkpoint_every_steps={t.checkpoint_every_steps} must be a multiple of "
+           f"train.log_every_steps={t.log_every_steps}, so a resumed run logs the same windows.")
+    if num_devices:
+        for name in ("batch_size", "eval_batch_size"):
+            n = int(t[name])
+            if n % num_devices:
+                lo, hi = (n // num_devices) * num_devices, (n // num_devices + 1) * num_devices
+                raise ValueError(f"train.{name}={n} is not divisible by the {num_devices} devices; "
+                                 f"use a multiple of {num_devices} (e.g. {lo or hi} or {hi}).")
