@@ -16,3 +16,61 @@ def run_launch(args: list[str], *, env_extra: dict | None = None, timeout: int =
     env.update(env_extra or {})
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# Tests compile many tiny programs; XLA's backend optimisations cost more compile time than
+# they save at these sizes.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def tiny_train_step(model, input_shape, *, batch: int = 8, num_classes: int | None = None,
+                    devices: int = 8, seed: int = 0):
+    """Init `model` and run one sharded SGD train step on `devices` CPU devices.
+
+    `input_shape` excludes the batch dimension, e.g. (32, 32, 3). Asserts a finite loss,
+    finite parameters and that every parameter leaf receiving gradient moved. Returns
+    (loss, old_state, new_state).
+    """
+    import jax
+    import numpy as np
+    import optax
+
+    from scaling import parallel
+    from scaling.train.state import create_state
+    from scaling.train.step import make_train_step
+
+    num_classes = num_classes or getattr(model, "num_classes", 10)
+    mesh = parallel.make_mesh(devices)
+    tx = optax.sgd(0.01, momentum=0.9)
+    state = parallel.replicate(create_state(model, tx, jax.random.PRNGKey(seed), tuple(input_shape)), mesh)
+    old = parallel.fetch(state)
+    rng = np.random.default_rng(seed)
+    data = {"image": rng.standard_normal((batch, *input_shape)).astype(np.float32),
+            "label": rng.integers(0, num_classes, batch).astype(np.int32)}
+    step = make_train_step(model, tx, mesh, donate=False, compiler_options=FAST_COMPILE)
+    new_state, metrics = step(state, parallel.to_global(data, parallel.batch_sharding(mesh)))
+    new = parallel.fetch(new_state)
+    loss = float(metrics["loss"])
+    assert np.isfinite(loss), loss
+    leaves_new = jax.tree.leaves(new.params)
+    assert all(np.all(np.isfinite(x)) for x in leaves_new)
+    moved = sum(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(old.params), leaves_new))
+    assert moved >= 0.9 * len(leaves_new), f"only {moved}/{len(leaves_new)} parameter arrays moved"
+    return loss, old, new
+
+
+def check_reference_counts(name: str, reference: dict, *, gmacs_rtol: float = 0.01, **overrides):
+    """Asserts that registered model `name` has the reference params (and batch_stats, gmacs
+    where the reference gives them), from shapes only."""
+    from scaling.models import create_model
+    from scaling.profile import model_stats
+
+    ref = reference[name]
+    model = create_model(name, num_classes=ref["num_classes"], **overrides)
+    stats = model_stats(model, ref["resolution"])
+    assert stats["params"] == ref["params"], (name, stats["params"], ref["params"])
+    if "batch_stats" in ref:
+        assert stats["batch_stats"] == ref["batch_stats"], (name, stats["batch_stats"], ref["batch_stats"])
+    if "gmacs" in ref:
+        assert abs(stats["gmacs"] - ref["gmacs"]) <= gmacs_rtol * ref["gmacs"], (name, stats["gmacs"], ref["gmacs"])
+    return stats
