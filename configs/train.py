@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
     if preset == "default":
-        c.train.update(batch_size=128, num_epochs=15.0, lr=0.1, weight_decay=5e-4,
+        c.train.update(batch_size=128, num_epochs=10.0, lr=0.1, weight_decay=5e-4,
                        schedule="cosine", warmup_epochs=0.5, log_every_steps=20,
                        checkpoint_every_steps=100)
     elif preset == "cifar10":

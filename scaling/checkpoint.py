@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+
 
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
@@ -47,11 +49,11 @@ class Checkpointer:
             except Exception as e:  # corrupt or incompatible step: try the previous one
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 errors.append(f"step {step}: {reason}")
-                logging.warning("checkpoint step %d in %s cannot be restored (%s); trying the "
+                log.warning("checkpoint step %d in %s cannot be restored (%s); trying the "
                                 "previous one", step, self.directory, reason)
                 continue
             if errors:
-                logging.warning("resumed from step %d after skipping unreadable steps: %s", step,
+                log.warning("resumed from step %d after skipping unreadable steps: %s", step,
                                 "; ".join(errors))
             return state, step
         if steps:

@@ -12,8 +12,11 @@ import sys
 from typing import Any
 
 import jax
+from absl import logging as absl_logging
 
 from scaling import _env, parallel
+
+log = logging.getLogger(__name__)
 
 
 def default_workdir(config_arg: str) -> str:
@@ -34,7 +37,9 @@ def launch(config: Any, workdir: str, *, coordinator_address: str | None = None,
     import experiments
     from scaling.train import Diverged
 
-    logging.getLogger().setLevel(logging.INFO)
+    # Our progress lines at INFO; libraries (Orbax, TF) only at WARNING and above.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("scaling").setLevel(logging.INFO)
     try:
         parallel.initialize_distributed(coordinator_address, num_processes, process_id)
     except Exception as e:  # a wrong address or count: say so, no traceback
@@ -50,7 +55,7 @@ def launch(config: Any, workdir: str, *, coordinator_address: str | None = None,
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.txt"), "w") as f:
             f.write(str(config))
-    logging.info("%s on %d device(s) x %d process(es) -> %s", config.get("experiment", "train"),
+    log.info("%s on %d device(s) x %d process(es) -> %s", config.get("experiment", "train"),
                  jax.device_count(), jax.process_count(), workdir)
     try:
         result = exp.run(config, workdir)

@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+log = logging.getLogger(__name__)
+
 DATA_AXIS = "data"
 
 
@@ -45,7 +47,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                                    num_processes=num_processes, process_id=process_id)
     else:
         jax.distributed.initialize()
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     return jax.process_count() > 1
 

@@ -28,6 +28,8 @@ from scaling.train import optim
 from scaling.train.state import TrainState, count_params, create_state
 from scaling.train.step import make_eval_step, make_train_step
 
+log = logging.getLogger(__name__)
+
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -138,7 +140,7 @@ def fit(config: Any, workdir: str, *, mesh=None, variables: dict | None = None,
     state, restored = checkpointer.restore(state)
     start = int(parallel.fetch(state.step))
     if restored is not None:
-        logging.info("resumed from %s at step %d", checkpointer.directory, start)
+        log.info("resumed from %s at step %d", checkpointer.directory, start)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=restored)
     if restored is None and is_main:
         writer.text("config", f"```\n{config}\n```")
@@ -156,7 +158,7 @@ def fit(config: Any, workdir: str, *, mesh=None, variables: dict | None = None,
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch_spec).compile()
     compile_s = time.perf_counter() - t0
-    logging.info("model %s: %d params, %d BN stats; train step compiled in %.1f s; %d devices, "
+    log.info("model %s: %d params, %d BN stats; train step compiled in %.1f s; %d devices, "
                  "global batch %d, %d steps (%d/epoch)", config.model.name, n_params, n_stats,
                  compile_s, mesh.devices.size, batch, total_steps, steps_per_epoch)
 
@@ -205,7 +207,7 @@ def fit(config: Any, workdir: str, *, mesh=None, variables: dict | None = None,
                 if step % tc.checkpoint_every_steps == 0 or stop.requested:
                     checkpointer.save(step, state)
                 if stop.requested:
-                    logging.warning("SIGTERM: saved step %d; relaunch to resume", step)
+                    log.warning("SIGTERM: saved step %d; relaunch to resume", step)
                     stopped_early = True
                     break
         if not stopped_early:
