@@ -9,6 +9,7 @@ import importlib
 
 EXPERIMENTS = {
     "train": "experiments.train",
+    "sweep": "experiments.sweep",
 }
 
 

@@ -39,7 +39,8 @@ def launch(config: Any, workdir: str, *, coordinator_address: str | None = None,
 
     # Our progress lines at INFO; libraries (Orbax, TF) only at WARNING and above.
     absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("scaling").setLevel(logging.INFO)
+    for name in ("scaling", "experiments"):
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         parallel.initialize_distributed(coordinator_address, num_processes, process_id)
     except Exception as e:  # a wrong address or count: say so, no traceback
