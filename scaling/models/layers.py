@@ -184,3 +184,28 @@ class Head(nn.Module):
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_init)(x)
+
+
+class LocalResponseNorm(nn.Module):
+    """`torch.nn.LocalResponseNorm` across channels (the last axis), no parameters:
+
+        b_c = a_c / (k + alpha / size * sum_{c'} a_{c'}^2) ** beta,
+        c' in [c - size // 2, c + (size - 1) // 2], zero-padded at both ends.
+
+    As in torch, `alpha` is divided by `size`. Krizhevsky et al. 2012 write the sum without
+    that division (n=5, alpha=1e-4, beta=0.75, k=2): in these semantics that is
+    `LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)`. Computed in float32.
+    """
+    size: int
+    alpha: float = 1e-4
+    beta: float = 0.75
+    k: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        lead = (1,) * (x.ndim - 1)
+        pad = ((0, 0),) * (x.ndim - 1) + ((self.size // 2, (self.size - 1) // 2),)
+        sums = jax.lax.reduce_window(jnp.square(xf), 0.0, jax.lax.add, lead + (self.size,),
+                                     lead + (1,), pad)
+        return (xf / (self.k + (self.alpha / self.size) * sums) ** self.beta).astype(x.dtype)
