@@ -10,6 +10,9 @@ import importlib
 EXPERIMENTS = {
     "train": "experiments.train",
     "sweep": "experiments.sweep",
+    "compare": "experiments.compare",
+    "efficientnet_search": "experiments.efficientnet_search",
+    "efficientnet_family": "experiments.efficientnet_family",
 }
 
 

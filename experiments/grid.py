@@ -213,6 +213,8 @@ def collect_results(workdir: str, trials: list[Trial]) -> list[dict]:
             row[c] = res.get(c)
         row["step_time_s"] = res.get("step_time_s", timing.get("step_time_s"))
         row["train_time_s"] = res.get("train_time_s", timing.get("train_time_s"))
+        if res.get("params") is not None:  # float32 weights + BN statistics, 10^6 bytes
+            row["size_mb"] = (res["params"] + (res.get("batch_stats") or 0)) * 4 / 1e6
         for k, v in res.items():  # experiment-specific extras (resolution, objective, ...)
             if k not in row and not isinstance(v, (dict, list)):
                 row[k] = v
@@ -236,40 +238,27 @@ def collect_results(workdir: str, trials: list[Trial]) -> list[dict]:
 # ----------------------------------------------------------------------------- running
 def preflight(config: Any) -> dict:
     """Builds the trial's model and compiles its train step ahead of time (nothing runs):
-    per-image MACs, parameter count and XLA's peak-memory estimate of one step per device."""
+    per-image MACs, parameter counts and XLA's peak-memory estimate of one step per device.
+    The step is the one `fit` will compile, so training then hits the compilation cache."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     from scaling import parallel, profile
     from scaling.data import build_source
-    from scaling.train import build_model
-    from scaling.train.state import TrainState
-    from scaling.train.step import make_train_step
+    from scaling.train.loop import make_run
 
-    num_classes = build_source(config.data, config.data.train_split).num_classes
-    model = build_model(config.model, num_classes, config.train.compute_dtype)
+    source = build_source(config.data, config.data.train_split)
+    run = make_run(config, parallel.make_mesh(), source.num_classes, len(source))
     size = config.data.image_size
     x1 = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    variables = jax.eval_shape(lambda x: model.init(rngs, x, train=False), x1)
-    params, stats = variables["params"], variables.get("batch_stats", {})
-    macs = profile.count_macs(lambda v, x: model.apply(v, x, train=False), variables, x1)
-    mesh = parallel.make_mesh()
-    tx = optax.sgd(0.1, momentum=0.9)
-    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    spec = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep)  # noqa: E731
-    state = jax.tree.map(spec, TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, batch_stats=stats,
-        opt_state=jax.eval_shape(tx.init, params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32)))
-    b = config.train.batch_size
-    batch = {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32, sharding=data),
-             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)}
-    compiled = make_train_step(model, tx, mesh).lower(state, batch).compile()
-    mem = profile.compiled_memory(compiled)
+    variables = {"params": run.state_spec.params}
+    if jax.tree.leaves(run.state_spec.batch_stats):
+        variables["batch_stats"] = run.state_spec.batch_stats
+    macs = profile.count_macs(lambda v, x: run.model.apply(v, x, train=False), variables, x1)
+    mem = profile.compiled_memory(run.compile())
     count = lambda t: int(sum(math.prod(x.shape) for x in jax.tree.leaves(t)))  # noqa: E731
-    return {"params": count(params), "batch_stats": count(stats), "gmacs": macs / 1e9,
-            "peak_memory_mb": mem.get("peak_bytes", 0) / 1e6}
+    return {"params": count(run.state_spec.params), "batch_stats": count(run.state_spec.batch_stats),
+            "gmacs": macs / 1e9, "peak_memory_mb": mem.get("peak_bytes", 0) / 1e6}
 
 
 def _hparams_only(config: Any, values: dict, metrics: dict, logdir: str) -> None:

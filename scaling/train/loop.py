@@ -7,8 +7,10 @@ exactly what an uninterrupted one would (bitwise on CPU).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -103,6 +105,52 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._old)
 
 
+@dataclasses.dataclass
+class Run:
+    """What a training config compiles to: model, optimizer, schedule, durations and the
+    jitted train step with its input shapes. `fit` trains with it; the grid's preflight
+    compiles the very same step (so the second compile is a persistent-cache hit)."""
+    model: Any
+    tx: Any
+    schedule: Callable
+    steps_per_epoch: int
+    total_steps: int
+    step_fn: Callable
+    state_spec: Any
+    batch_spec: dict
+
+    def compile(self):
+        return self.step_fn.lower(self.state_spec, self.batch_spec).compile()
+
+
+def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
+    tc = config.train
+    parallel.check_batch_size(tc.batch_size, mesh, "train.batch_size")
+    steps_per_epoch = max(math.ceil(num_examples / tc.batch_size), 1)
+    total_steps = int(tc.num_steps) if tc.num_steps > 0 else int(round(tc.num_epochs * steps_per_epoch))
+    model = build_model(config.model, num_classes, tc.compute_dtype)
+    tx, schedule = optim.build(tc, steps_per_epoch, total_steps)
+    size = config.data.image_size
+    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    x1 = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    variables = jax.eval_shape(lambda x: model.init(rngs, x, train=False), x1)
+    params = variables["params"]
+    state_spec = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+        TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                   batch_stats=variables.get("batch_stats", {}),
+                   opt_state=jax.eval_shape(tx.init, params),
+                   rng=jax.ShapeDtypeStruct((2,), jnp.uint32)))
+    batch_spec = {
+        "image": jax.ShapeDtypeStruct((tc.batch_size, size, size, 3), jnp.float32, sharding=data),
+        "label": jax.ShapeDtypeStruct((tc.batch_size,), jnp.int32, sharding=data),
+    }
+    step_fn = make_train_step(model, tx, mesh, label_smoothing=tc.label_smoothing,
+                              compute_dtype=COMPUTE_DTYPES[tc.compute_dtype])
+    return Run(model, tx, schedule, steps_per_epoch, total_steps, step_fn, state_spec, batch_spec)
+
+
 def fit(config: Any, workdir: str, *, mesh=None, variables: dict | None = None,
         on_log: Callable[[int, dict], None] | None = None) -> dict:
     """Trains `config.model` on `config.data` with `config.train`; returns the final metrics.
@@ -119,17 +167,14 @@ def fit(config: Any, workdir: str, *, mesh=None, variables: dict | None = None,
 
     train_ds = data_lib.build_dataset(config.data, config.data.train_split, train=True, seed=config.seed)
     eval_ds = data_lib.build_dataset(config.data, config.data.eval_split, train=False, seed=config.seed)
-    batch = tc.batch_size
-    parallel.check_batch_size(batch, mesh, "train.batch_size")
     parallel.check_batch_size(tc.eval_batch_size, mesh, "train.eval_batch_size")
-    steps_per_epoch = train_ds.steps_per_epoch(batch)
-    total_steps = int(tc.num_steps) if tc.num_steps > 0 else int(round(tc.num_epochs * steps_per_epoch))
+    run = make_run(config, mesh, train_ds.num_classes, train_ds.num_examples)
+    model, tx, schedule = run.model, run.tx, run.schedule
+    batch, steps_per_epoch, total_steps = tc.batch_size, run.steps_per_epoch, run.total_steps
     eval_every = int(tc.eval_every_steps) if tc.eval_every_steps > 0 else int(
         round(tc.eval_every_epochs * steps_per_epoch)) if tc.eval_every_epochs > 0 else 0
     size = config.data.image_size
 
-    model = build_model(config.model, train_ds.num_classes, tc.compute_dtype)
-    tx, schedule = optim.build(tc, steps_per_epoch, total_steps)
     host_state = create_state(model, tx, jax.random.PRNGKey(config.seed), (size, size, 3), variables)
     n_params, n_stats = count_params(host_state.params), count_params(host_state.batch_stats)
     state = parallel.replicate(host_state, mesh)
@@ -146,17 +191,11 @@ def fit(config: Any, workdir: str, *, mesh=None, variables: dict | None = None,
         writer.text("config", f"```\n{config}\n```")
 
     compute_dtype = COMPUTE_DTYPES[tc.compute_dtype]
-    step_fn = make_train_step(model, tx, mesh, label_smoothing=tc.label_smoothing,
-                              compute_dtype=compute_dtype)
     evaluator = Evaluator(eval_ds, make_eval_step(model, mesh, compute_dtype=compute_dtype),
                           tc.eval_batch_size, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
-    batch_spec = {
-        "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=batch_sharding),
-        "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding),
-    }
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch_spec).compile()
+    compiled = run.compile()
     compile_s = time.perf_counter() - t0
     log.info("model %s: %d params, %d BN stats; train step compiled in %.1f s; %d devices, "
                  "global batch %d, %d steps (%d/epoch)", config.model.name, n_params, n_stats,
