@@ -53,6 +53,7 @@ def default_family_config() -> ml_collections.ConfigDict:
         coefficients_from=ml_collections.config_dict.placeholder(str),  # a search workdir
         phis=(0, 1, 2, 3, 4, 5, 6, 7),
         single_dimension=True,     # also depth-only / width-only / resolution-only baselines
+        tolerance=0.1,             # |alpha*beta^2*gamma^2 - search.target| allowed (paper: 1.92)
     ))
 
 
@@ -193,7 +194,7 @@ def family_trials(config: Any) -> list[grid.Trial]:
 
 def validate_family(config: Any, num_devices: int | None = None) -> None:
     a, b, g = family_coefficients(config)
-    scaling_rules.check_constraint(a, b, g, config.search.target, config.search.tolerance,
+    scaling_rules.check_constraint(a, b, g, config.search.target, config.family.tolerance,
                                    prefix="family.")
     grid.worker_identity(config.grid)
     for t in family_trials(config):

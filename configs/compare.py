@@ -1,0 +1,46 @@
+"""Model comparison on the same data and budget (our notes' MobileNetV2 alpha=0.5 vs VGG-16):
+params, size in MB, GMACs, step time, training time, validation accuracy, learning curves.
+
+    python launch.py --config configs/compare.py --workdir runs/compare
+    python launch.py --config configs/compare.py:imagenet
+
+Add a model: --config.compare.models.<label>.name=... (a section per model: name + fields).
+Presets: default (5 embedded CIFAR-10 classes at 32 px, a short run per model, CPU size),
+cifar10, imagenet (224 px, the architectures exactly as published).
+"""
+import ml_collections
+
+from configs import train
+from experiments.grid import default_grid_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = arg or "default"
+    c = train.get_config("default")
+    c.experiment = "compare"
+    c.grid = default_grid_config()
+    c.compare = ml_collections.ConfigDict(dict(models=ml_collections.ConfigDict(dict(
+        mobilenet_v2_a050=ml_collections.ConfigDict(dict(name="mobilenet_v2", alpha=0.5)),
+        vgg16=ml_collections.ConfigDict(dict(name="vgg16")),
+    ))))
+    if preset == "default":
+        c.data.update(classes=(0, 1, 2, 3, 4), examples_per_class=300)
+        c.train.update(batch_size=32, eval_batch_size=200, num_epochs=2.0, optimizer="sgd",
+                       lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                       schedule="cosine", warmup_epochs=0.0, eval_every_epochs=0.5,
+                       log_every_steps=8, checkpoint_every_steps=48, progress_bar=False)
+    elif preset == "cifar10":
+        c.data.update(source="tfds", name="cifar10", train_split="train", eval_split="test")
+        c.train.update(batch_size=128, num_epochs=30.0, lr=0.01, eval_every_epochs=1.0,
+                       log_every_steps=50, checkpoint_every_steps=500)
+    elif preset == "imagenet":
+        c.data.update(source="tfds", name="imagenet2012", train_split="train",
+                      eval_split="validation", image_size=224, crop="random_resized",
+                      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), workers=16)
+        c.train.update(batch_size=256, eval_batch_size=512, num_epochs=90.0, lr=0.01,
+                       weight_decay=1e-4, schedule="step", decay_epochs=(30, 60, 80),
+                       decay_factor=0.1, eval_every_epochs=1.0, log_every_steps=100,
+                       checkpoint_every_steps=1000)
+    else:
+        raise ValueError(f"config preset {preset!r} is unknown; use default, cifar10 or imagenet.")
+    return c
