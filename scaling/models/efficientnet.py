@@ -1,0 +1,321 @@
+"""EfficientNet B0-B7 (Tan & Le 2019): MBConv blocks with squeeze-and-excitation, scaled by
+width / depth coefficients (`scaling.scaling_rules`).
+
+One module serves both references; the registered variants set the fields that differ:
+
+- `efficientnet_b*`: torchvision. Symmetric padding, BatchNorm eps 1e-5 / torch momentum 0.1
+  for b0-b4 and eps 1e-3 / momentum 0.01 for b5-b7; b2 is evaluated at 288 pixels.
+- `tf_efficientnet_b*`: timm's port of the TensorFlow models. TensorFlow 'SAME' padding
+  (asymmetric at stride 2), BatchNorm eps 1e-3, momentum 0.99 as the original TF training
+  (timm itself keeps torch's default 0.1 for training; it does not change outputs).
+
+Both have the same parameters; only outputs differ. With the weights of timm's
+tf_efficientnet_b0 fixture (../shared/reference/fixtures), `tf_efficientnet_b0` reproduces its
+logits to 4e-6 (float32). Module names follow the reference given
+by `naming`, so that a state dict maps on by one rule: a numeric key component joins the
+previous one with '_', every other component is one level (`blocks.1.0.se.conv_reduce.weight`
+-> `blocks_1_0/se/conv_reduce/kernel`):
+
+    naming='timm':        conv_stem, bn1, blocks_{i}_{j}/..., conv_head, bn2, classifier
+        block (expand > 1): conv_pw, bn1, conv_dw, bn2, se/{conv_reduce,conv_expand}, conv_pwl, bn3
+        block (expand = 1): conv_dw, bn1, se/{conv_reduce,conv_expand}, conv_pw, bn2
+    naming='torchvision': features_0_0 (conv), features_0_1 (bn), features_{i+1}_{j}/...,
+        features_{n+1}_0, features_{n+1}_1, classifier_1
+        block: block_{k}_0 (conv), block_{k}_1 (bn) per conv, block_{k}/{fc1,fc2} for SE,
+        k counting expand (if any), depthwise, SE, project
+
+Channels: `round_filters(c, width)`; repeats: `round_repeats(r, depth)`; SE width
+max(1, int(block input channels * se_ratio)); drop-connect (stochastic depth) rate
+`drop_connect_rate * block_index / num_blocks`, active only with `train=True`.
+
+The base architecture is a field too (`blocks`, `stem_width`, `head_width`, `divisor`), so an
+experiment can shrink the B0 baseline for a CPU before compound scaling it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from scaling import scaling_rules
+from scaling.models.layers import (NORMS, Dtype, DropPath, activation, conv_init, global_avg_pool,
+                                   make_norm, sym_padding)
+from scaling.models.registry import register_model
+
+PADDINGS = ("symmetric", "same")
+NAMINGS = ("timm", "torchvision")
+
+
+class Stage(NamedTuple):
+    """One row of the base (B0) architecture table."""
+    expand_ratio: float
+    kernel: int
+    stride: int
+    out_channels: int
+    repeats: int
+
+
+# EfficientNet-B0 (paper table 1): 7 stages of MBConv blocks after a 32-channel 3x3/2 stem.
+B0_BLOCKS: tuple[Stage, ...] = (
+    Stage(1, 3, 1, 16, 1),
+    Stage(6, 3, 2, 24, 2),
+    Stage(6, 5, 2, 40, 2),
+    Stage(6, 3, 2, 80, 3),
+    Stage(6, 5, 1, 112, 3),
+    Stage(6, 5, 2, 192, 4),
+    Stage(6, 3, 1, 320, 1),
+)
+
+
+class BlockSpec(NamedTuple):
+    """One MBConv block after scaling."""
+    stage: int
+    index: int            # within the stage
+    in_channels: int
+    out_channels: int
+    mid_channels: int     # after the 1x1 expansion (= in_channels without one)
+    se_channels: int      # 0 = no squeeze-and-excitation
+    kernel: int
+    stride: int
+    drop_rate: float      # drop-connect rate of the residual branch
+
+
+class Plan(NamedTuple):
+    stem: int
+    blocks: tuple[BlockSpec, ...]
+    head: int
+
+
+# Initialisers of the references: convs N(0, 2 / fan_out); for a depthwise kernel torchvision's
+# fan_out is C*k*k while TF/timm's is k*k (= flax's fan_in of a [k, k, 1, C] kernel); the
+# classifier U(+-1/sqrt(num_classes)), bias 0.
+DEPTHWISE_INIT = {"torchvision": conv_init,
+                  "timm": nn.initializers.variance_scaling(2.0, "fan_in", "normal")}
+CLASSIFIER_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
+
+
+def _conv(features: int, kernel: int, stride: int, padding: str, *, groups: int = 1,
+          kernel_init: Callable = conv_init, dtype: Dtype, name: str) -> nn.Conv:
+    pad = "SAME" if padding == "same" else sym_padding(kernel)
+    return nn.Conv(features, (kernel, kernel), strides=stride, padding=pad, feature_group_count=groups,
+                   use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
+
+
+class SqueezeExcite(nn.Module):
+    """Pool -> 1x1 conv (reduce) -> act -> 1x1 conv (expand) -> sigmoid gate, with the
+    reference's submodule names (timm conv_reduce/conv_expand, torchvision fc1/fc2)."""
+    reduced: int
+    act: str | Callable = "swish"
+    dtype: Dtype = jnp.float32
+    reduce_name: str = "conv_reduce"
+    expand_name: str = "conv_expand"
+
+    @nn.compact
+    def __call__(self, x):
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.Conv(self.reduced, (1, 1), dtype=self.dtype, kernel_init=conv_init, name=self.reduce_name)(s)
+        s = activation(self.act)(s)
+        s = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, kernel_init=conv_init, name=self.expand_name)(s)
+        return x * nn.sigmoid(s)
+
+
+def _block_names(naming: str, expand: bool, se: bool) -> dict[str, tuple[str, ...]]:
+    """Submodule names of one block: {'expand'?, 'dw', 'se'?, 'project'} -> (conv, norm) or
+    (se module, reduce, expand)."""
+    if naming == "timm":
+        if expand:
+            names = dict(expand=("conv_pw", "bn1"), dw=("conv_dw", "bn2"), project=("conv_pwl", "bn3"))
+        else:
+            names = dict(dw=("conv_dw", "bn1"), project=("conv_pw", "bn2"))
+        if se:
+            names["se"] = ("se", "conv_reduce", "conv_expand")
+        return names
+    order = (["expand"] if expand else []) + ["dw"] + (["se"] if se else []) + ["project"]
+    return {part: ((f"block_{k}", "fc1", "fc2") if part == "se" else (f"block_{k}_0", f"block_{k}_1"))
+            for k, part in enumerate(order)}
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck: [1x1 expand -> norm -> act] -> kxk depthwise -> norm -> act
+    -> SE -> 1x1 project -> norm, plus drop-connect and the identity shortcut when the
+    stride is 1 and the channels match."""
+    spec: BlockSpec
+    norm: Callable[..., nn.Module]
+    act: str | Callable = "swish"
+    padding: str = "same"
+    naming: str = "timm"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        s = self.spec
+        act = activation(self.act)
+        expand = s.mid_channels != s.in_channels
+        names = _block_names(self.naming, expand, s.se_channels > 0)
+        y = x
+        if expand:
+            conv, bn = names["expand"]
+            y = act(self.norm(name=bn)(_conv(s.mid_channels, 1, 1, self.padding, dtype=self.dtype, name=conv)(y)))
+        conv, bn = names["dw"]
+        y = _conv(s.mid_channels, s.kernel, s.stride, self.padding, groups=s.mid_channels,
+                  kernel_init=DEPTHWISE_INIT[self.naming], dtype=self.dtype, name=conv)(y)
+        y = act(self.norm(name=bn)(y))
+        if s.se_channels:
+            se, reduce_name, expand_name = names["se"]
+            y = SqueezeExcite(s.se_channels, self.act, self.dtype, reduce_name, expand_name, name=se)(y)
+        conv, bn = names["project"]
+        y = self.norm(name=bn)(_conv(s.out_channels, 1, 1, self.padding, dtype=self.dtype, name=conv)(y))
+        if s.stride == 1 and s.in_channels == s.out_channels:
+            y = DropPath(s.drop_rate)(y, deterministic=not train)
+            y = x + y
+        return y
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet with width/depth coefficients as fields (B0 at 1.0/1.0).
+
+    The defaults are the official (TensorFlow) B0. Fields: `width`, `depth` (coefficients),
+    `dropout` (before the classifier), `drop_connect_rate` (block k of n: rate * k / n),
+    `padding` ('same' = TensorFlow/timm tf_*, 'symmetric' = torchvision), `naming`
+    ('timm' | 'torchvision' module names), `bn_eps`, `bn_momentum` (flax's: 1 - torch's),
+    `norm`, `act`, `se_ratio`, `dtype`, and the base architecture `blocks` (rows of
+    `Stage(expand_ratio, kernel, stride, out_channels, repeats)`), `stem_width`,
+    `head_width` (None: 4 x the last stage's channels, rounded as that naming's reference
+    does) and `divisor` (channel rounding).
+    """
+    width: float = 1.0
+    depth: float = 1.0
+    dropout: float = 0.2
+    drop_connect_rate: float = 0.2
+    num_classes: int = 1000
+    include_top: bool = True
+    padding: str = "same"
+    naming: str = "timm"
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.99
+    norm: str = "batch"
+    act: str = "swish"
+    se_ratio: float = 0.25
+    blocks: Sequence[Sequence[float]] = B0_BLOCKS
+    stem_width: int = 32
+    head_width: int | None = None
+    divisor: int = 8
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        def bad(field, allowed):
+            return ValueError(f"model.{field}: got {getattr(self, field)!r}; allowed: {allowed}.")
+
+        if self.padding not in PADDINGS:
+            raise bad("padding", ", ".join(PADDINGS))
+        if self.naming not in NAMINGS:
+            raise bad("naming", ", ".join(NAMINGS))
+        if self.norm not in NORMS:
+            raise bad("norm", ", ".join(NORMS))
+        for field in ("width", "depth"):
+            if not getattr(self, field) > 0:
+                raise bad(field, "a coefficient > 0")
+        for field in ("dropout", "drop_connect_rate"):
+            if not 0 <= getattr(self, field) < 1:
+                raise bad(field, "a rate in [0, 1)")
+        if not 0 <= self.se_ratio <= 1:
+            raise bad("se_ratio", "a ratio in [0, 1] (0 = no squeeze-and-excitation)")
+        if not self.blocks or any(len(tuple(row)) != len(Stage._fields) for row in self.blocks):
+            raise bad("blocks", "a non-empty sequence of (expand_ratio, kernel, stride, out_channels, repeats)")
+        if any(Stage(*row).stride not in (1, 2) or Stage(*row).kernel % 2 == 0 for row in self.blocks):
+            raise bad("blocks", "strides 1 or 2 and odd kernels")
+        activation(self.act)  # raises on an unknown name
+        super().__post_init__()
+
+    def plan(self) -> Plan:
+        """Channels of the stem and head and the spec of every block, after scaling."""
+        stages = [Stage(*row) for row in self.blocks]
+        filters = functools.partial(scaling_rules.round_filters, width=self.width, divisor=self.divisor)
+        stem = filters(self.stem_width)
+        rows = []
+        in_ch = stem
+        for i, st in enumerate(stages):
+            out_ch = filters(st.out_channels)
+            for j in range(scaling_rules.round_repeats(st.repeats, self.depth)):
+                mid = scaling_rules.round_filters(in_ch, st.expand_ratio, self.divisor)
+                se = max(1, int(in_ch * self.se_ratio)) if self.se_ratio > 0 else 0
+                rows.append((i, j, in_ch, out_ch, mid, se, st.kernel, st.stride if j == 0 else 1))
+                in_ch = out_ch
+        n = len(rows)
+        blocks = tuple(BlockSpec(*r, drop_rate=self.drop_connect_rate * k / n) for k, r in enumerate(rows))
+        if self.head_width is not None:
+            head = filters(self.head_width)
+        elif self.naming == "torchvision":  # torchvision: 4 x the scaled last stage
+            head = 4 * in_ch
+        else:  # TF / timm: round_filters(1280) for B0
+            head = filters(4 * stages[-1].out_channels)
+        return Plan(stem, blocks, head)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        plan = self.plan()
+        norm = make_norm(self.norm, train=train, momentum=self.bn_momentum, epsilon=self.bn_eps,
+                         dtype=self.dtype)
+        act = activation(self.act)
+        tv = self.naming == "torchvision"
+        x = x.astype(self.dtype)
+        x = _conv(plan.stem, 3, 2, self.padding, dtype=self.dtype, name="features_0_0" if tv else "conv_stem")(x)
+        x = act(norm(name="features_0_1" if tv else "bn1")(x))
+        for b in plan.blocks:
+            name = f"features_{b.stage + 1}_{b.index}" if tv else f"blocks_{b.stage}_{b.index}"
+            x = MBConv(b, norm, self.act, self.padding, self.naming, self.dtype, name=name)(x, train)
+        last = f"features_{len(self.blocks) + 1}"
+        x = _conv(plan.head, 1, 1, self.padding, dtype=self.dtype, name=f"{last}_0" if tv else "conv_head")(x)
+        x = act(norm(name=f"{last}_1" if tv else "bn2")(x))
+        x = global_avg_pool(x)
+        if not self.include_top:
+            return x
+        if self.dropout > 0:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=CLASSIFIER_INIT,
+                        name="classifier_1" if tv else "classifier")(x)
+
+
+def efficientnet_from_coefficients(width: float, depth: float, resolution: int,
+                                   **fields: Any) -> tuple[EfficientNet, int]:
+    """(EfficientNet(width=width, depth=depth, **fields), resolution), validated."""
+    if int(resolution) != resolution or resolution < 1:
+        raise ValueError(f"model.resolution: must be a positive integer, got {resolution!r}.")
+    return EfficientNet(width=width, depth=depth, **fields), int(resolution)
+
+
+def efficientnet_from_compound(phi: float, alpha: float = scaling_rules.PAPER_ALPHA,
+                               beta: float = scaling_rules.PAPER_BETA,
+                               gamma: float = scaling_rules.PAPER_GAMMA, base_resolution: int = 224,
+                               *, target: float | None = 2.0, tol: float = 0.1,
+                               resolution_divisor: int = 1, **fields: Any) -> tuple[EfficientNet, int]:
+    """Compound-scaled EfficientNet: depth alpha^phi, width beta^phi, resolution
+    base_resolution * gamma^phi (rounded to `resolution_divisor`). Checks
+    alpha * beta^2 * gamma^2 against `target` +- `tol` unless `target` is None.
+    Returns (module, resolution); `fields` go to the module (e.g. a smaller `blocks` table).
+    """
+    if target is not None:
+        scaling_rules.check_constraint(alpha, beta, gamma, target, tol)
+    c = scaling_rules.compound_coefficients(phi, alpha, beta, gamma)
+    resolution = scaling_rules.scaled_resolution(base_resolution, c.resolution_factor, resolution_divisor)
+    return efficientnet_from_coefficients(c.width, c.depth, resolution, **fields)
+
+
+# torchvision evaluates b2 at 288 (its transforms); timm's tf_ ports at the official sizes.
+_TORCHVISION_RESOLUTION = {"b2": 288}
+
+for _b, _p in scaling_rules.EFFICIENTNET_PARAMS.items():
+    _late = _b in ("b5", "b6", "b7")  # torchvision: BatchNorm2d(eps=1e-3, momentum=0.01)
+    register_model(
+        f"efficientnet_{_b}",
+        functools.partial(EfficientNet, width=_p.width, depth=_p.depth, dropout=_p.dropout,
+                          padding="symmetric", naming="torchvision", bn_eps=1e-3 if _late else 1e-5,
+                          bn_momentum=0.99 if _late else 0.9),
+        resolution=_TORCHVISION_RESOLUTION.get(_b, _p.resolution), num_classes=1000)
+    register_model(
+        f"tf_efficientnet_{_b}",
+        functools.partial(EfficientNet, width=_p.width, depth=_p.depth, dropout=_p.dropout,
+                          padding="same", naming="timm", bn_eps=1e-3, bn_momentum=0.99),
+        resolution=_p.resolution, num_classes=1000)
