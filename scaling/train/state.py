@@ -19,12 +19,19 @@ class TrainState:
     rng: jax.Array             # uint32[2] root key; per step: fold_in(rng, step)
 
 
+# Initialisation runs once: compile it without XLA's backend optimisations. Measured on a tiny
+# EfficientNet on 2 CPU cores: eager init 37 s (one small program per op and shape), jit at
+# -O0 6 s; a fully optimised jit costs ~20 s of compile.
+_INIT_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 def init_variables(model, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
-    """Initialises on the host without jit (jitting init costs 5x more compile time than it saves)."""
+    """Model variables for one example of `image_shape` (the batch dimension is added)."""
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     params_rng, dropout_rng = jax.random.split(rng)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng}, x, train=False)
-    return flax.core.unfreeze(variables)
+    init = jax.jit(lambda rngs, x: model.init(rngs, x, train=False), compiler_options=_INIT_OPTIONS)
+    variables = init({"params": params_rng, "dropout": dropout_rng}, x)
+    return flax.core.unfreeze(jax.device_get(variables))
 
 
 def create_state(model, tx: optax.GradientTransformation, rng: jax.Array,
