@@ -26,21 +26,21 @@ def tiny_sweep_config():
 
 def test_sweep_records_done_diverged_infeasible(tmp_path):
     c = tiny_sweep_config()
-    c.grid.max_gmacs = 0.005  # k=4 (0.0068 GMACs at 16 px) is over budget, k=1 is not
+    c.grid.max_gmacs = 0.005  # k=4 (0.042 GMACs at 16 px) is over budget, k=1 is not
     sweep.validate(c, 8)
     out = sweep.run(c, str(tmp_path))
     with open(tmp_path / "results.csv") as f:
         rows = {r["trial"]: r for r in csv.DictReader(f)}
-    assert rows["lr0.1-k1"]["status"] == "done"
-    assert 0.0 <= float(rows["lr0.1-k1"]["val_top1"]) <= 1.0
-    assert rows["lr1e+06-k1"]["status"] == "diverged"
-    assert rows["lr0.1-k4"]["status"] == "infeasible" and rows["lr1e+06-k4"]["status"] == "infeasible"
-    assert "grid.max_gmacs" in rows["lr0.1-k4"]["reason"]
-    assert float(rows["lr0.1-k4"]["gmacs"]) > 0.005 > float(rows["lr0.1-k1"]["gmacs"])
-    assert float(rows["lr0.1-k1"]["peak_memory_mb"]) > 0
+    assert rows["k1-lr0.1"]["status"] == "done"
+    assert 0.0 <= float(rows["k1-lr0.1"]["val_top1"]) <= 1.0
+    assert rows["k1-lr1e+06"]["status"] == "diverged"
+    assert rows["k4-lr0.1"]["status"] == "infeasible" and rows["k4-lr1e+06"]["status"] == "infeasible"
+    assert "grid.max_gmacs" in rows["k4-lr0.1"]["reason"]
+    assert float(rows["k4-lr0.1"]["gmacs"]) > 0.005 > float(rows["k1-lr0.1"]["gmacs"])
+    assert float(rows["k1-lr0.1"]["peak_memory_mb"]) > 0
     assert out["done"] == 1 and (tmp_path / "accuracy_vs_gmacs.png").stat().st_size > 1000
     # the trial's fit hit the compilation done by preflight: one set of files per trial
-    assert json.loads((tmp_path / "trials" / "lr0.1-k1" / "result.json").read_text())["params"] > 0
+    assert json.loads((tmp_path / "trials" / "k1-lr0.1" / "result.json").read_text())["params"] > 0
 
 
 def test_sweep_validation_names_the_trial_and_field():
@@ -50,7 +50,7 @@ def test_sweep_validation_names_the_trial_and_field():
         sweep.validate(c, 8)
     c = tiny_sweep_config()
     c.grid.axes.lr = (0.1, -1.0)
-    with pytest.raises(ValueError, match="trial lr-1-k1: train.lr=-1.0"):
+    with pytest.raises(ValueError, match="trial k1-lr-1: train.lr=-1.0"):
         sweep.validate(c, 8)
 
 
