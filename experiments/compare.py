@@ -11,7 +11,6 @@ from typing import Any
 import ml_collections
 
 from experiments import grid, report
-from scaling.train import validate_config
 
 COLUMNS = ("trial", "status", "params", "size_mb", "gmacs", "step_time_s", "train_time_s",
            "val_top1", "val_top5", "peak_memory_mb")
@@ -29,12 +28,7 @@ def build_trials(config: Any) -> list[grid.Trial]:
 
 
 def validate(config: Any, num_devices: int | None = None) -> None:
-    grid.worker_identity(config.grid)
-    for t in build_trials(config):
-        try:
-            validate_config(t.config, num_devices)
-        except ValueError as e:
-            raise ValueError(f"compare.models.{t.id}: {e}") from None
+    grid.validate_trials(config.grid, build_trials(config), num_devices, "compare.models.{id}")
 
 
 def run(config: Any, workdir: str) -> dict:

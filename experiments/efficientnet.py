@@ -23,7 +23,6 @@ import ml_collections
 
 from experiments import grid, report
 from scaling import scaling_rules
-from scaling.train import validate_config
 
 SELECT = ("accuracy", "objective")
 SCALINGS = ("compound", "depth", "width", "resolution")
@@ -115,14 +114,11 @@ def validate_search(config: Any, num_devices: int | None = None) -> None:
     s = config.search
     if s.select not in SELECT:
         raise ValueError(f"search.select: unknown {s.select!r}; use one of {', '.join(SELECT)}.")
-    grid.worker_identity(config.grid)
-    for t in search_trials(config):
+    trials = search_trials(config)
+    for t in trials:
         scaling_rules.check_constraint(t.values["alpha"], t.values["beta"], t.values["gamma"],
                                        s.target, s.tolerance, prefix="search.")
-        try:
-            validate_config(t.config, num_devices)
-        except ValueError as e:
-            raise ValueError(f"trial {t.id}: {e}") from None
+    grid.validate_trials(config.grid, trials, num_devices)
 
 
 def run_search(config: Any, workdir: str) -> dict:
@@ -196,12 +192,7 @@ def validate_family(config: Any, num_devices: int | None = None) -> None:
     a, b, g = family_coefficients(config)
     scaling_rules.check_constraint(a, b, g, config.search.target, config.family.tolerance,
                                    prefix="family.")
-    grid.worker_identity(config.grid)
-    for t in family_trials(config):
-        try:
-            validate_config(t.config, num_devices)
-        except ValueError as e:
-            raise ValueError(f"trial {t.id}: {e}") from None
+    grid.validate_trials(config.grid, family_trials(config), num_devices)
 
 
 def run_family(config: Any, workdir: str) -> dict:

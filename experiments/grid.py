@@ -385,6 +385,20 @@ def default_grid_config() -> ml_collections.ConfigDict:
     ))
 
 
+def validate_trials(grid_cfg: Any, trials: list[Trial], num_devices: int | None = None,
+                    label: str = "trial {id}") -> None:
+    """Checks the worker settings and every trial's training config before any compile;
+    the error names the trial (`label`, formatted with its id) and the field."""
+    from scaling.train import validate_config
+
+    worker_identity(grid_cfg)
+    for t in trials:
+        try:
+            validate_config(t.config, num_devices)
+        except ValueError as e:
+            raise ValueError(f"{label.format(id=t.id)}: {e}") from None
+
+
 def trial_config(base: Any, values: dict[str, Any], targets: dict[str, str]) -> Any:
     """A copy of `base` with each swept value written to its config path."""
     cfg = copy.deepcopy(base)

@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 from experiments import grid, report
-from scaling.train import validate_config
 
 _SAFE = {"abs": abs, "min": min, "max": max, "round": round, "math": math}
 
@@ -47,12 +46,7 @@ def build_trials(config: Any) -> list[grid.Trial]:
 
 
 def validate(config: Any, num_devices: int | None = None) -> None:
-    grid.worker_identity(config.grid)
-    for t in build_trials(config):
-        try:
-            validate_config(t.config, num_devices)
-        except ValueError as e:
-            raise ValueError(f"trial {t.id}: {e}") from None
+    grid.validate_trials(config.grid, build_trials(config), num_devices)
 
 
 def write_report(config: Any, workdir: str, rows: list[dict]) -> list[str]:
