@@ -29,9 +29,11 @@ def init_variables(model, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
     """Model variables for one example of `image_shape` (the batch dimension is added)."""
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     params_rng, dropout_rng = jax.random.split(rng)
+    rngs = {"params": params_rng, "dropout": dropout_rng}
+    if isinstance(rng, jax.core.Tracer):  # already inside a jit: compile options belong to it
+        return flax.core.unfreeze(model.init(rngs, x, train=False))
     init = jax.jit(lambda rngs, x: model.init(rngs, x, train=False), compiler_options=_INIT_OPTIONS)
-    variables = init({"params": params_rng, "dropout": dropout_rng}, x)
-    return flax.core.unfreeze(jax.device_get(variables))
+    return flax.core.unfreeze(jax.device_get(init(rngs, x)))
 
 
 def create_state(model, tx: optax.GradientTransformation, rng: jax.Array,
