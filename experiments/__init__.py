@@ -13,6 +13,7 @@ EXPERIMENTS = {
     "compare": "experiments.compare",
     "efficientnet_search": "experiments.efficientnet_search",
     "efficientnet_family": "experiments.efficientnet_family",
+    "transfer": "experiments.transfer",
 }
 
 

@@ -11,6 +11,8 @@ from flax.traverse_util import flatten_dict
 from scaling.models import create_model, list_models, model_info
 from scaling.models.efficientnet import (B0_BLOCKS, EfficientNet, efficientnet_from_coefficients,
                                          efficientnet_from_compound)
+from scaling.weights import efficientnet_timm_to_torchvision as timm_to_torchvision
+from scaling.weights import from_state_dict, read_state_dict
 from tests.helpers import FAST_COMPILE, check_reference_counts, tiny_train_step
 
 NAMES = list_models("efficientnet_b*") + list_models("tf_efficientnet_b*")
@@ -73,56 +75,12 @@ def test_block_plan_se_and_drop_connect_rates():
 def test_timm_names_and_shapes_match_the_fixture(shared_dir):
     """Every key of timm's tf_efficientnet_b0 state dict maps onto our variables by one rule
     (numeric components join the previous one with '_'), with the transposed shape."""
-    from safetensors import safe_open
-
+    tensors = read_state_dict(shared_dir / "reference" / "fixtures" / "tf_efficientnet_b0.safetensors")
     ours = flatten_dict(shapes("tf_efficientnet_b0", 224))
-    leaf_names = {"running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
-    mapped = {}
-    with safe_open(str(shared_dir / "reference" / "fixtures" / "tf_efficientnet_b0.safetensors"), "np") as f:
-        for key in f.keys():
-            if key.startswith("__") or key.endswith("num_batches_tracked"):
-                continue
-            path = []
-            for part in key.split(".")[:-1]:
-                path.append(f"{path.pop()}_{part}" if part.isdigit() else part)
-            shape = tuple(f.get_slice(key).get_shape())
-            leaf = key.rsplit(".", 1)[1]
-            if leaf in leaf_names:
-                collection, leaf = leaf_names[leaf]
-            else:
-                collection = "params"
-                leaf = {4: "kernel", 2: "kernel"}.get(len(shape), "scale" if leaf == "weight" else "bias")
-                shape = {4: lambda s: (s[2], s[3], s[1], s[0]), 2: lambda s: s[::-1]}.get(len(shape), tuple)(shape)
-            mapped[(collection, *path, leaf)] = shape
+    mapped = flatten_dict(from_state_dict("tf_efficientnet_b0", tensors, source="timm"))
     assert set(mapped) == set(ours)
-    assert all(ours[k].shape == s for k, s in mapped.items())
+    assert all(ours[k].shape == x.shape for k, x in mapped.items())
     assert len(mapped) == 311  # 363 keys - 3 fixture entries - 49 num_batches_tracked
-
-
-def timm_to_torchvision(tree, num_stages=7):
-    """Renames a timm-naming variable tree to torchvision's names (the mapping an importer uses)."""
-    def block(b):
-        expand = "bn3" in b
-        convs = ["conv_pw", "conv_dw", "se", "conv_pwl"] if expand else ["conv_dw", "se", "conv_pw"]
-        bns = ["bn1", "bn2", None, "bn3"] if expand else ["bn1", None, "bn2"]
-        names = {}
-        for k, (conv, bn) in enumerate(zip(convs, bns)):
-            names.update({conv: f"block_{k}_0", bn: f"block_{k}_1"} if bn else {conv: f"block_{k}"})
-        out = {names[k]: v for k, v in b.items()}
-        for se in [k for k in out if k.count("_") == 1]:
-            out[se] = {"fc1": out[se]["conv_reduce"], "fc2": out[se]["conv_expand"]}
-        return out
-
-    top = {"conv_stem": "features_0_0", "bn1": "features_0_1", "conv_head": f"features_{num_stages + 1}_0",
-           "bn2": f"features_{num_stages + 1}_1", "classifier": "classifier_1"}
-    out = {}
-    for name, sub in tree.items():
-        if name.startswith("blocks_"):
-            _, i, j = name.split("_")
-            out[f"features_{int(i) + 1}_{j}"] = block(sub)
-        else:
-            out[top[name]] = sub
-    return out
 
 
 def test_torchvision_layout_is_the_same_network_under_reference_names():

@@ -11,6 +11,7 @@ import pytest
 from scaling.models import create_model, list_models
 from scaling.models.vit import VisionTransformer, resize_pos_embed
 from scaling.models.wavenet import WaveNet, mu_law_decode, mu_law_encode
+from scaling.weights import from_state_dict
 from tests.helpers import FAST_COMPILE, check_reference_counts, tiny_train_step
 
 
@@ -53,25 +54,6 @@ def test_vit_published_counts(name, params):
     assert count(shapes(create_model(name), (224, 224, 3))["params"]) == params
 
 
-def timm_to_flax(state_dict):
-    """timm ViT state dict -> our params: 'blocks.3.x' -> 'blocks_3/x', linear [out, in] ->
-    kernel [in, out], conv OIHW -> HWIO, LayerNorm weight -> scale."""
-    params = {}
-    for key, value in state_dict.items():
-        *path, leaf = key.split(".")
-        if path[:1] == ["blocks"]:
-            path = [f"blocks_{path[1]}"] + path[2:]
-        if leaf == "weight" and value.ndim == 1:
-            leaf = "scale"
-        elif leaf == "weight":
-            leaf, value = "kernel", value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-        node = params
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = value.astype(np.float32)
-    return params
-
-
 def test_vit_timm_fixture_parity(shared_dir):
     """The timm vit_tiny_patch16_224 state dict maps key by key and reproduces its logits.
 
@@ -82,8 +64,8 @@ def test_vit_timm_fixture_parity(shared_dir):
     x = tensors.pop("__input__").transpose(0, 2, 3, 1)
     want = tensors.pop("__logits__")
     tensors.pop("__logits_f64__")
-    params = timm_to_flax(tensors)
     model = create_model("vit_tiny_patch16_224")
+    params = from_state_dict(model, tensors, source="timm")["params"]
     expected = shapes(model, (224, 224, 3))["params"]
     assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, expected)
     got = jax.jit(model.apply)({"params": params}, x)

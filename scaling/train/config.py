@@ -10,6 +10,7 @@ from typing import Any
 import ml_collections
 
 from scaling.models import check_model_name, model_fields
+from scaling.train.finetune import validate_init_config
 from scaling.train.optim import OPTIMIZERS, SCHEDULES
 
 
@@ -64,6 +65,7 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
             raise ValueError(f"model.{k}: {config.model.name!r} has no field {k!r}. "
                              f"Its fields are: {', '.join(fields)}.")
     validate_data_config(config.data)
+    validate_init_config(config)
     t = config.train
     _check(t.optimizer in OPTIMIZERS,
            f"train.optimizer: unknown {t.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")

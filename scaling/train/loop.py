@@ -26,7 +26,7 @@ from scaling import data as data_lib
 from scaling import metrics as metrics_lib
 from scaling import parallel
 from scaling.models import create_model, model_fields
-from scaling.train import optim
+from scaling.train import finetune
 from scaling.train.state import TrainState, count_params, create_state
 from scaling.train.step import make_eval_step, make_train_step
 
@@ -129,13 +129,14 @@ def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
     steps_per_epoch = max(math.ceil(num_examples / tc.batch_size), 1)
     total_steps = int(tc.num_steps) if tc.num_steps > 0 else int(round(tc.num_epochs * steps_per_epoch))
     model = build_model(config.model, num_classes, tc.compute_dtype)
-    tx, schedule = optim.build(tc, steps_per_epoch, total_steps)
     size = config.data.image_size
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     x1 = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
     variables = jax.eval_shape(lambda x: model.init(rngs, x, train=False), x1)
     params = variables["params"]
+    plan = finetune.make_plan(config, model, params)  # scratch / linear_probe / finetune[_bn]
+    tx, schedule = finetune.build_optimizer(tc, plan, steps_per_epoch, total_steps)
     state_spec = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
         TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
@@ -147,7 +148,7 @@ def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
         "label": jax.ShapeDtypeStruct((tc.batch_size,), jnp.int32, sharding=data),
     }
     step_fn = make_train_step(model, tx, mesh, label_smoothing=tc.label_smoothing,
-                              compute_dtype=COMPUTE_DTYPES[tc.compute_dtype])
+                              compute_dtype=COMPUTE_DTYPES[tc.compute_dtype], plan=plan)
     return Run(model, tx, schedule, steps_per_epoch, total_steps, step_fn, state_spec, batch_spec)
 
 
@@ -175,6 +176,8 @@ def fit(config: Any, workdir: str, *, mesh=None, variables: dict | None = None,
         round(tc.eval_every_epochs * steps_per_epoch)) if tc.eval_every_epochs > 0 else 0
     size = config.data.image_size
 
+    if variables is None:  # pretrained weights from config.init.path, if any
+        variables = finetune.initial_variables(config, model, jax.random.PRNGKey(config.seed), size)
     host_state = create_state(model, tx, jax.random.PRNGKey(config.seed), (size, size, 3), variables)
     n_params, n_stats = count_params(host_state.params), count_params(host_state.batch_stats)
     state = parallel.replicate(host_state, mesh)

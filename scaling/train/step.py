@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from scaling import parallel
+from scaling.train import finetune
 from scaling.train.state import TrainState
 
 
@@ -36,27 +37,34 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
-               label_smoothing: float = 0.0, compute_dtype: Any = jnp.float32):
-    """One optimizer update on a global batch; returns the new state and scalar metrics."""
+               label_smoothing: float = 0.0, compute_dtype: Any = jnp.float32,
+               plan: finetune.Plan = finetune.TRAIN_ALL):
+    """One optimizer update on a global batch; returns the new state and scalar metrics.
+
+    `plan` (scaling.train.finetune) picks the parameters that train (only those are
+    differentiated and updated) and how BatchNorm runs."""
     rng = jax.random.fold_in(state.rng, state.step)
     images = batch["image"].astype(compute_dtype)
     labels = batch["label"]
     has_bn = bool(jax.tree.leaves(state.batch_stats))
+    update_bn = has_bn and plan.update_bn
+    trainable, frozen = plan.split(state.params)
 
-    def loss_fn(params):
-        variables = {"params": params}
+    def loss_fn(trainable):
+        variables = {"params": plan.merge(trainable, frozen)}
         if has_bn:
             variables["batch_stats"] = state.batch_stats
-        logits, updates = model.apply(variables, images, train=True, rngs={"dropout": rng},
-                                      mutable=["batch_stats"] if has_bn else [])
+        with plan.frozen_bn():
+            logits, updates = model.apply(variables, images, train=plan.train, rngs={"dropout": rng},
+                                          mutable=["batch_stats"] if update_bn else [])
         loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
         return loss, (logits, updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, param_updates)
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    param_updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = plan.merge(optax.apply_updates(trainable, param_updates), frozen)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              batch_stats=updates["batch_stats"] if has_bn else state.batch_stats)
+                              batch_stats=updates["batch_stats"] if update_bn else state.batch_stats)
     metrics = {
         "loss": loss,
         "top1": jnp.mean(topk_correct(logits, labels, 1)),
@@ -83,9 +91,10 @@ def eval_step(state: TrainState, batch: dict, *, model, compute_dtype: Any = jnp
 
 def make_train_step(model, tx, mesh, *, label_smoothing: float = 0.0,
                     compute_dtype: Any = jnp.float32, donate: bool = True,
-                    compiler_options: dict | None = None) -> Callable:
+                    compiler_options: dict | None = None,
+                    plan: finetune.Plan = finetune.TRAIN_ALL) -> Callable:
     fn = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype, plan=plan)
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep),
                    donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
