@@ -28,6 +28,16 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _save(fig, ax, path: str) -> str:
+    """Grid, legend and layout shared by the line plots; writes the PNG and frees the figure."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _done(rows: list[dict], x: str, y: str) -> list[dict]:
     return [r for r in rows if r.get("status") == "done" and r.get(x) not in (None, "")
             and r.get(y) not in (None, "")]
@@ -54,12 +64,7 @@ def plot_accuracy_vs_cost(rows: list[dict], path: str, *, x: str = "gmacs", y: s
     ax.set_xlabel("GMACs per image" if x == "gmacs" else x)
     ax.set_ylabel("validation top-1" if y == "val_top1" else y)
     ax.set_title(title or f"{y} vs {x}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_heatmap(rows: list[dict], path: str, *, row_axis: str, col_axis: str,
@@ -114,12 +119,7 @@ def learning_curves(run_dirs: dict[str, str], path: str, *, metric: str = "train
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(title or metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def format_table(rows: list[dict], columns: Sequence[str]) -> str:

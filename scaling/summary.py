@@ -29,7 +29,8 @@ import optax
 
 from scaling import parallel, profile
 from scaling.models import create_model, list_models, model_info
-from scaling.train.state import TrainState
+from scaling.train.state import abstract_state
+from scaling.train.state import batch_spec as make_batch_spec
 from scaling.train.step import make_train_step
 
 
@@ -65,14 +66,8 @@ def summarize(name: str, *, num_classes: int | None = None, resolution: int | No
         t = time.perf_counter()
         mesh = parallel.make_mesh(1)
         tx = optax.sgd(0.1, momentum=0.9)
-        rep = parallel.replicated(mesh)
-        spec = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep)  # noqa: E731
-        state = jax.tree.map(spec, TrainState(
-            step=jax.ShapeDtypeStruct((), jnp.int32), params=params, batch_stats=stats,
-            opt_state=jax.eval_shape(tx.init, params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32)))
-        data = parallel.batch_sharding(mesh)
-        batch_spec = {"image": jax.ShapeDtypeStruct((batch, *shape), jnp.float32, sharding=data),
-                      "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)}
+        state = abstract_state(variables, tx, parallel.replicated(mesh))
+        batch_spec = make_batch_spec(batch, shape, parallel.batch_sharding(mesh))
         compiled = make_train_step(model, tx, mesh).lower(state, batch_spec).compile()
         mem = profile.compiled_memory(compiled)
         row.update(batch=batch, train_peak_mb=mem.get("peak_bytes", 0) / 1e6,

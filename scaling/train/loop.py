@@ -27,7 +27,8 @@ from scaling import metrics as metrics_lib
 from scaling import parallel
 from scaling.models import create_model, model_fields
 from scaling.train import finetune
-from scaling.train.state import TrainState, count_params, create_state
+from scaling.train.state import TrainState, abstract_state, count_params, create_state
+from scaling.train.state import batch_spec as make_batch_spec
 from scaling.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -137,16 +138,8 @@ def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
     params = variables["params"]
     plan = finetune.make_plan(config, model, params)  # scratch / linear_probe / finetune[_bn]
     tx, schedule = finetune.build_optimizer(tc, plan, steps_per_epoch, total_steps)
-    state_spec = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-        TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                   batch_stats=variables.get("batch_stats", {}),
-                   opt_state=jax.eval_shape(tx.init, params),
-                   rng=jax.ShapeDtypeStruct((2,), jnp.uint32)))
-    batch_spec = {
-        "image": jax.ShapeDtypeStruct((tc.batch_size, size, size, 3), jnp.float32, sharding=data),
-        "label": jax.ShapeDtypeStruct((tc.batch_size,), jnp.int32, sharding=data),
-    }
+    state_spec = abstract_state(variables, tx, rep)
+    batch_spec = make_batch_spec(tc.batch_size, (size, size, 3), data)
     step_fn = make_train_step(model, tx, mesh, label_smoothing=tc.label_smoothing,
                               compute_dtype=COMPUTE_DTYPES[tc.compute_dtype], plan=plan)
     return Run(model, tx, schedule, steps_per_epoch, total_steps, step_fn, state_spec, batch_spec)

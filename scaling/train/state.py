@@ -47,5 +47,22 @@ def create_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                       rng=state_rng)
 
 
+def abstract_state(variables: dict, tx: optax.GradientTransformation, sharding) -> TrainState:
+    """The TrainState of `variables` (shapes, e.g. from jax.eval_shape) as ShapeDtypeStructs
+    placed with `sharding`: what a train step is lowered and compiled against."""
+    params = variables["params"]
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                       batch_stats=variables.get("batch_stats", {}),
+                       opt_state=jax.eval_shape(tx.init, params),
+                       rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state)
+
+
+def batch_spec(batch: int, example_shape: tuple[int, ...], sharding) -> dict:
+    """ShapeDtypeStructs of a global batch of `example_shape` images and int labels."""
+    return {"image": jax.ShapeDtypeStruct((batch, *example_shape), jnp.float32, sharding=sharding),
+            "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)}
+
+
 def count_params(tree: Any) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
