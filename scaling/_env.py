@@ -41,6 +41,17 @@ def configure_xla() -> bool:
     return True
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); without it XLA:CPU
+    emulates bf16 through float32 and `train.compute_dtype=bfloat16` is slower than float32."""
+    try:
+        with open(cpuinfo) as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: unknown, assume not
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def enable_compilation_cache(path: str | None = None) -> str:
     """Turns on JAX's persistent compilation cache (a second process compiles ~20x faster)."""
     import jax

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from scaling.models.layers import DEPTHWISE_JIT_NAME
+
 
 def _conv_macs(eqn) -> int:
     out = eqn.outvars[0].aval.shape
@@ -35,6 +37,12 @@ def _dot_macs(eqn) -> int:
     lhs = eqn.invars[0].aval.shape
     # output = batch dims x lhs free dims x rhs free dims; each sums over the contracting dims.
     return math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+
+
+def _depthwise_macs(eqn) -> int:
+    # The slice form of a depthwise conv (`layers.depthwise_conv`): output x kh x kw.
+    kernel = eqn.invars[1].aval.shape  # (kh, kw, 1, C)
+    return math.prod(eqn.outvars[0].aval.shape) * kernel[0] * kernel[1]
 
 
 def _sub_jaxprs(value) -> list:
@@ -55,6 +63,8 @@ def _jaxpr_macs(jaxpr) -> int:
             total += _conv_macs(eqn)
         elif name == "dot_general":
             total += _dot_macs(eqn)
+        elif name in ("jit", "pjit") and eqn.params.get("name") == DEPTHWISE_JIT_NAME:
+            total += _depthwise_macs(eqn)
         elif name == "cond":  # one branch runs: count the most expensive
             total += max((_jaxpr_macs(j) for j in _sub_jaxprs(eqn.params["branches"])), default=0)
         else:
@@ -81,7 +91,8 @@ def count_macs(apply_fn: Callable, *args, **kwargs) -> int:
     `args` are pytrees of arrays or `jax.ShapeDtypeStruct`s; `kwargs` are passed through
     unchanged (static values such as `train=False`). Convolutions count
     output elements x kernel spatial size x in_channels / feature_group_count; dot_generals
-    count batch x contracting x free dims. Sub-jaxprs (jit, remat, custom derivatives, scan
+    count batch x contracting x free dims; the slice form of a depthwise conv (a jit named
+    `layers.DEPTHWISE_JIT_NAME`) counts as that conv. Sub-jaxprs (jit, remat, custom derivatives, scan
     x length, while once, cond's largest branch) are walked. The count is for the batch in
     `args`: pass batch 1 for per-image MACs.
     """

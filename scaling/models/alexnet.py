@@ -38,8 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scaling.models.layers import (NORMS, Dtype, LocalResponseNorm, dense_init, global_avg_pool,
-                                   make_norm)
+from scaling.models.layers import (NORMS, Dtype, LocalResponseNorm, conv_general_dilated, dense_init,
+                                   global_avg_pool, make_norm)
 from scaling.models.registry import register_model
 
 # Krizhevsky et al. 2012's LRN (alpha=1e-4 on the plain sum) in torch semantics (alpha / size).
@@ -116,7 +116,8 @@ def torch_sequential(x, layers: Sequence[tuple], *, width: float, norm: Callable
             _, features, kernel, stride, pad = layer
             x = nn.Conv(scaled(features, width), (kernel, kernel), strides=stride,
                         padding=((pad, pad), (pad, pad)), dtype=dtype, kernel_init=kernel_init,
-                        bias_init=nn.initializers.zeros, name=f"{prefix}_{i}")(x)
+                        bias_init=nn.initializers.zeros,
+                        conv_general_dilated=conv_general_dilated, name=f"{prefix}_{i}")(x)
             i += 1
             if norm is not None:
                 x = norm(name=f"{prefix}_{i}")(x)

@@ -40,8 +40,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from scaling import scaling_rules
-from scaling.models.layers import (NORMS, Dtype, DropPath, activation, conv_init, global_avg_pool,
-                                   make_norm, sym_padding)
+from scaling.models.layers import (NORMS, DepthwiseConv, Dtype, DropPath, activation, conv_init,
+                                   global_avg_pool, make_norm, sym_padding)
 from scaling.models.registry import register_model
 
 PADDINGS = ("symmetric", "same")
@@ -97,10 +97,13 @@ CLASSIFIER_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "unifor
 
 
 def _conv(features: int, kernel: int, stride: int, padding: str, *, groups: int = 1,
-          kernel_init: Callable = conv_init, dtype: Dtype, name: str) -> nn.Conv:
+          kernel_init: Callable = conv_init, dtype: Dtype, name: str) -> nn.Module:
+    """A bias-free conv; depthwise (groups = features, as in the blocks) is a `DepthwiseConv`."""
     pad = "SAME" if padding == "same" else sym_padding(kernel)
-    return nn.Conv(features, (kernel, kernel), strides=stride, padding=pad, feature_group_count=groups,
-                   use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
+    conv = DepthwiseConv if groups > 1 and groups == features else functools.partial(
+        nn.Conv, feature_group_count=groups)
+    return conv(features, (kernel, kernel), strides=stride, padding=pad, use_bias=False, dtype=dtype,
+                kernel_init=kernel_init, name=name)
 
 
 class SqueezeExcite(nn.Module):

@@ -33,7 +33,8 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from scaling.models.layers import Dtype, activation, dense_init, global_avg_pool, make_norm, sym_padding
+from scaling.models.layers import (DepthwiseConv, Dtype, activation, dense_init, global_avg_pool,
+                                   make_norm, sym_padding)
 from scaling.models.registry import register_model
 
 NAMINGS = ("torchvision", "timm")
@@ -75,10 +76,12 @@ def _head_init(naming: str) -> Callable:
 def conv_bn(x, features: int, kernel: int, strides: int = 1, *, groups: int = 1,
             act: str | Callable | None, norm: Callable, names: tuple[str, str],
             naming: str = "torchvision", dtype: Dtype = jnp.float32):
-    """torch `Conv2d(bias=False, padding=k//2)` -> norm -> optional activation, named `names`."""
-    x = nn.Conv(features, (kernel, kernel), strides=strides, padding=sym_padding(kernel),
-                feature_group_count=groups, use_bias=False, dtype=dtype,
-                kernel_init=_conv_init(naming, groups), name=names[0])(x)
+    """torch `Conv2d(bias=False, padding=k//2)` -> norm -> optional activation, named `names`.
+    A depthwise conv (groups = features = input channels) is a `DepthwiseConv`."""
+    conv = DepthwiseConv if groups > 1 and groups == features == x.shape[-1] else functools.partial(
+        nn.Conv, feature_group_count=groups)
+    x = conv(features, (kernel, kernel), strides=strides, padding=sym_padding(kernel), use_bias=False,
+             dtype=dtype, kernel_init=_conv_init(naming, groups), name=names[0])(x)
     x = norm(name=names[1])(x)
     return x if act is None else activation(act)(x)
 

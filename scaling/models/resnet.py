@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from scaling.models.layers import Dtype, conv_init, dense_init, global_avg_pool, make_norm
+from scaling.models.layers import (Dtype, conv_general_dilated, conv_init, dense_init, global_avg_pool,
+                                   make_norm)
 from scaling.models.registry import register_model
 
 BLOCKS = ("basic", "bottleneck")
@@ -28,11 +29,12 @@ SHORTCUTS = ("A", "B")
 
 def torch_conv(features: int, kernel: int, strides: int = 1, *, groups: int = 1, dtype: Dtype,
                name: str) -> nn.Conv:
-    """torch `Conv2d(kernel, stride, padding=kernel // 2, groups, bias=False)`."""
+    """torch `Conv2d(kernel, stride, padding=kernel // 2, groups, bias=False)`; convs with tiny
+    output maps run as a matmul (`layers.conv_general_dilated`)."""
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=strides, padding=((pad, pad), (pad, pad)),
                    feature_group_count=groups, use_bias=False, dtype=dtype, kernel_init=conv_init,
-                   name=name)
+                   conv_general_dilated=conv_general_dilated, name=name)
 
 
 def classifier(x, num_classes: int, dropout: float, train: bool, dtype: Dtype, name: str = "fc"):
