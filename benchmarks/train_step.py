@@ -3,6 +3,11 @@ this machine's matmul rate, and the real input pipeline against in-memory data.
 
     python benchmarks/train_step.py --model wrn_16_2 --batch 128 --resolution 32
     python benchmarks/train_step.py --model wrn_16_1 --compare-xla-flag   # flag on vs off
+    python benchmarks/train_step.py --model resnet18 --dtype bfloat16      # bf16 compute
+
+`step_gflop` is XLA's count for the compiled step (it counts what XLA executes, e.g. a
+grouped convolution it expands into a dense one); `useful_gflop` is the model's own MAC count
+(scaling.profile) x 2 FLOPs x 3 (forward and backward) x batch, the work the step must do.
 
 Figures are printed, never asserted.
 """
@@ -21,7 +26,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from scaling import data as data_lib  # noqa: E402
-from scaling import parallel, profile  # noqa: E402
+from scaling import _env, parallel, profile  # noqa: E402
 from scaling.models import create_model, model_info  # noqa: E402
 from scaling.train.state import create_state  # noqa: E402
 from scaling.train.step import make_train_step  # noqa: E402
@@ -41,7 +46,9 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
 def bench(args) -> dict:
     info = model_info(args.model)
     size = args.resolution or info["resolution"]
-    model = create_model(args.model, num_classes=args.num_classes)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    model = create_model(args.model, num_classes=args.num_classes,
+                         **({"dtype": dtype} if args.dtype != "float32" else {}))
     mesh = parallel.make_mesh()
     tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
     state = parallel.replicate(create_state(model, tx, jax.random.PRNGKey(0), (size, size, 3)), mesh)
@@ -50,11 +57,11 @@ def bench(args) -> dict:
     batch = {"image": rng.standard_normal((args.batch, size, size, 3)).astype(np.float32),
              "label": rng.integers(0, args.num_classes, args.batch).astype(np.int32)}
     gbatch = parallel.to_global(batch, shard)
-    step = make_train_step(model, tx, mesh)
+    step = make_train_step(model, tx, mesh, compute_dtype=dtype)
     t = time.perf_counter()
     compiled = step.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t
-    flops = profile.compiled_flops(compiled) if hasattr(profile, "compiled_flops") else None
+    flops = profile.compiled_flops(compiled)
     state, m = compiled(state, gbatch)  # warm-up
     jax.block_until_ready(m)
     t = time.perf_counter()
@@ -63,14 +70,20 @@ def bench(args) -> dict:
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - t) / args.steps
     out = {"model": args.model, "batch": args.batch, "resolution": size,
-           "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "dtype": args.dtype, "cpu_native_bf16": _env.cpu_has_native_bf16(),
+           "devices": jax.device_count(),
+           "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
            "images_per_s": round(args.batch / step_s, 1)}
+    useful = profile.model_stats(model, size)["gmacs"] * 1e9 * 2 * 3 * args.batch
+    out["useful_gflop"] = round(useful / 1e9, 2)
+    out["useful_gflops"] = round(useful / step_s / 1e9, 1)
+    mm = matmul_gflops()
+    out["matmul_gflops"] = round(mm, 1)
+    out["useful_fraction_of_matmul"] = round(useful / step_s / 1e9 / mm, 3)
     if flops:
         out["step_gflop"] = round(flops / 1e9, 2)
         out["achieved_gflops"] = round(flops / step_s / 1e9, 1)
-        mm = matmul_gflops()
-        out["matmul_gflops"] = round(mm, 1)
         out["fraction_of_matmul"] = round(flops / step_s / 1e9 / mm, 3)
     if args.pipeline and size == 32:
         cfg = data_lib.default_data_config()
@@ -96,6 +109,8 @@ def main():
     p.add_argument("--resolution", type=int, default=0)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (params stay float32), as train.compute_dtype")
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false")
     p.add_argument("--compare-xla-flag", action="store_true",
                    help="also run with SCALING_CPU_CONV_FLAG=0 (XLA's default conv path)")
@@ -104,7 +119,8 @@ def main():
     if args.compare_xla_flag:
         base = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--batch",
                 str(args.batch), "--resolution", str(args.resolution), "--num-classes",
-                str(args.num_classes), "--steps", str(args.steps), "--no-pipeline", "--json"]
+                str(args.num_classes), "--steps", str(args.steps), "--dtype", args.dtype,
+                "--no-pipeline", "--json"]
         rows = []
         for flag in ("1", "0"):
             env = dict(os.environ, SCALING_CPU_CONV_FLAG=flag)

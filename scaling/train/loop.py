@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from scaling import _env
 from scaling import checkpoint as ckpt_lib
 from scaling import data as data_lib
 from scaling import metrics as metrics_lib
@@ -187,6 +188,10 @@ def fit(config: Any, workdir: str, *, mesh=None, variables: dict | None = None,
         writer.text("config", f"```\n{config}\n```")
 
     compute_dtype = COMPUTE_DTYPES[tc.compute_dtype]
+    if (tc.compute_dtype == "bfloat16" and jax.default_backend() == "cpu"
+            and not _env.cpu_has_native_bf16()):
+        log.warning("train.compute_dtype=bfloat16 on a CPU without native bf16 (no AVX-512 BF16 "
+                    "or AMX): XLA emulates it, so it runs slower than float32 here.")
     evaluator = Evaluator(eval_ds, make_eval_step(model, mesh, compute_dtype=compute_dtype),
                           tc.eval_batch_size, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
