@@ -24,7 +24,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from scaling import _env  # noqa: E402
 from scaling.models.layers import depthwise_conv, sym_padding  # noqa: E402
+from vs_pytorch import torch_available  # noqa: E402
 
 # name: (size, channels, kernel, stride, depthwise)
 CASES = {
@@ -93,18 +95,9 @@ def torch_times(case: str, batch: int, reps: int, channels_last: bool) -> dict[s
     return {op: _time(fn, reps) for op, fn in fns.items()}
 
 
-def _torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-        return True
-    except Exception:  # not installed, or a broken install (e.g. missing CUDA libraries)
-        return False
-
-
 def flag_off_times(args) -> dict[str, dict[str, float]]:
     """XLA's conv in a subprocess without the CPU conv flag (it is process-wide)."""
-    env = dict(os.environ, SCALING_CPU_CONV_FLAG="0")
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion" not in f)
+    env = _env.environ_without_conv_flag()
     cmd = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch), "--reps",
            str(args.reps), "--cases", *args.cases, "--columns", "xla_flag_off", "--json"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -114,7 +107,7 @@ def flag_off_times(args) -> dict[str, dict[str, float]]:
 
 def run(args) -> dict:
     flag_on = "ynn_fusion" in os.environ.get("XLA_FLAGS", "")
-    columns = [c for c in args.columns if not c.startswith("torch") or _torch_available()]
+    columns = [c for c in args.columns if not c.startswith("torch") or torch_available()]
     results: dict[str, dict[str, dict[str, float]]] = {case: {} for case in args.cases}
     if "xla_flag_off" in columns and flag_on:
         for case, times in flag_off_times(args).items():

@@ -28,6 +28,7 @@ import optax  # noqa: E402
 from scaling import data as data_lib  # noqa: E402
 from scaling import _env, parallel, profile  # noqa: E402
 from scaling.models import create_model, model_info  # noqa: E402
+from scaling.train.loop import COMPUTE_DTYPES  # noqa: E402
 from scaling.train.state import create_state  # noqa: E402
 from scaling.train.step import make_train_step  # noqa: E402
 
@@ -46,7 +47,7 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
 def bench(args) -> dict:
     info = model_info(args.model)
     size = args.resolution or info["resolution"]
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = COMPUTE_DTYPES[args.dtype]
     model = create_model(args.model, num_classes=args.num_classes,
                          **({"dtype": dtype} if args.dtype != "float32" else {}))
     mesh = parallel.make_mesh()
@@ -109,7 +110,7 @@ def main():
     p.add_argument("--resolution", type=int, default=0)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    p.add_argument("--dtype", default="float32", choices=tuple(COMPUTE_DTYPES),
                    help="compute dtype (params stay float32), as train.compute_dtype")
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false")
     p.add_argument("--compare-xla-flag", action="store_true",
@@ -123,9 +124,7 @@ def main():
                 "--no-pipeline", "--json"]
         rows = []
         for flag in ("1", "0"):
-            env = dict(os.environ, SCALING_CPU_CONV_FLAG=flag)
-            env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                        if "ynn_fusion" not in f)
+            env = dict(_env.environ_without_conv_flag(), SCALING_CPU_CONV_FLAG=flag)
             res = subprocess.run(base, env=env, capture_output=True, text=True, check=True)
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         for r, name in zip(rows, ("conv flag on ", "XLA default  ")):

@@ -31,12 +31,14 @@ DEFAULT_ROWS = ("resnet50:32:224", "efficientnet_b0:32:224", "mobilenet_v2:32:22
                 "resnet18:128:32", "vit_b_16:8:224")
 
 
-def torch_available() -> bool:
+def torch_available(*modules: str) -> bool:
+    """True when torch (and `modules`, e.g. 'torchvision') import; a broken install (e.g. a CUDA
+    build missing its libraries) counts as absent."""
     try:
-        import torch  # noqa: F401
-        import torchvision  # noqa: F401
+        for name in ("torch",) + modules:
+            __import__(name)
         return True
-    except Exception:  # not installed, or a build that cannot load here
+    except Exception:
         return False
 
 
@@ -113,7 +115,7 @@ def main():
         ips = torch_step(name, int(batch), int(res), int(steps), int(classes), cl == "1")
         print(json.dumps({"images_per_s": round(ips, 2)}))
         return
-    have_torch = torch_available()
+    have_torch = torch_available("torchvision")
     if not have_torch:
         print("PyTorch/torchvision not importable: PyTorch columns left empty "
               "(pip install -e '.[torch]').")

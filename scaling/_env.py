@@ -41,6 +41,15 @@ def configure_xla() -> bool:
     return True
 
 
+def environ_without_conv_flag() -> dict[str, str]:
+    """This process's environment for a child process that runs XLA's default CPU conv path
+    (the flag is process-wide, so comparisons run it in a subprocess)."""
+    env = dict(os.environ, SCALING_CPU_CONV_FLAG="0")
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "xla_cpu_experimental_ynn_fusion_type" not in f)
+    return env
+
+
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); without it XLA:CPU
     emulates bf16 through float32 and `train.compute_dtype=bfloat16` is slower than float32."""

@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from scaling import scaling_rules
-from scaling.models.layers import (NORMS, DepthwiseConv, Dtype, DropPath, activation, conv_init,
+from scaling.models.layers import (NORMS, Dtype, DropPath, activation, conv_init, conv_module,
                                    global_avg_pool, make_norm, sym_padding)
 from scaling.models.registry import register_model
 
@@ -100,9 +100,7 @@ def _conv(features: int, kernel: int, stride: int, padding: str, *, groups: int 
           kernel_init: Callable = conv_init, dtype: Dtype, name: str) -> nn.Module:
     """A bias-free conv; depthwise (groups = features, as in the blocks) is a `DepthwiseConv`."""
     pad = "SAME" if padding == "same" else sym_padding(kernel)
-    conv = DepthwiseConv if groups > 1 and groups == features else functools.partial(
-        nn.Conv, feature_group_count=groups)
-    return conv(features, (kernel, kernel), strides=stride, padding=pad, use_bias=False, dtype=dtype,
+    return conv_module(features, groups)(features, (kernel, kernel), strides=stride, padding=pad, use_bias=False, dtype=dtype,
                 kernel_init=kernel_init, name=name)
 
 

@@ -123,18 +123,18 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
 
 
-def depthwise_pads(in_hw: Sequence[int], kernel_hw: Sequence[int], strides: int | Sequence[int] = 1,
-                   padding: Any = "SAME", dilation: int | Sequence[int] = 1) -> tuple[tuple[int, int], ...]:
+def explicit_pads(in_hw: Sequence[int], kernel_hw: Sequence[int], strides: int | Sequence[int] = 1,
+                  padding: Any = "SAME", dilation: int | Sequence[int] = 1) -> tuple[tuple[int, int], ...]:
     """Explicit (lo, hi) pads of H and W for flax-style `padding`: 'SAME' (TensorFlow's,
     asymmetric at stride 2), 'VALID', an int, or per-dimension ints or (lo, hi) pairs."""
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID"):
-            raise ValueError(f"depthwise_conv: padding {padding!r}; use 'SAME', 'VALID' or (lo, hi) pairs.")
+            raise ValueError(f"conv padding {padding!r}; use 'SAME', 'VALID' or (lo, hi) pairs.")
         window = tuple((k - 1) * d + 1 for k, d in zip(kernel_hw, _pair(dilation)))
         return tuple(jax.lax.padtype_to_pads(tuple(in_hw), window, _pair(strides), padding.upper()))
     if isinstance(padding, int):
         return ((padding, padding),) * 2
-    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    return tuple((int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding)
 
 
 def _pad(x, pads, interior=(0, 0)):
@@ -249,7 +249,7 @@ def depthwise_conv(x, kernel, strides: int | Sequence[int] = 1, padding: Any = "
         raise ValueError(f"depthwise_conv: kernel of shape {kernel.shape} for {c} input channels; "
                          "expected (kh, kw, 1, C * multiplier).")
     strides, dilation = _pair(strides), _pair(dilation)
-    pads = depthwise_pads(x.shape[1:3], kh_kw, strides, padding, dilation)
+    pads = explicit_pads(x.shape[1:3], kh_kw, strides, padding, dilation)
     if impl == "auto":
         impl = "slices" if jax.default_backend() == "cpu" else "conv"
     if impl == "conv" or kernel.shape[3] != c:
@@ -291,6 +291,14 @@ class DepthwiseConv(nn.Module):
         return y if bias is None else y + bias
 
 
+def conv_module(features: int, groups: int = 1, in_features: int | None = None) -> Callable[..., nn.Module]:
+    """The conv constructor for `groups`: a `DepthwiseConv` (the same variables as nn.Conv) when
+    groups = features (= `in_features` when given), else `nn.Conv(feature_group_count=groups)`."""
+    if groups > 1 and groups == features and in_features in (None, features):
+        return DepthwiseConv
+    return functools.partial(nn.Conv, feature_group_count=groups)
+
+
 class ConvNormAct(nn.Module):
     """conv -> norm -> activation, the stem and building unit of most conv families.
 
@@ -314,9 +322,7 @@ class ConvNormAct(nn.Module):
     def __call__(self, x):
         ks = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
         pad = sym_padding(ks) if self.padding is None else self.padding
-        depthwise = self.groups > 1 and self.groups == self.features == x.shape[-1]
-        conv = DepthwiseConv if depthwise else functools.partial(nn.Conv, feature_group_count=self.groups)
-        x = conv(self.features, ks, strides=self.strides, padding=pad, use_bias=self.use_bias,
+        x = conv_module(self.features, self.groups, x.shape[-1])(self.features, ks, strides=self.strides, padding=pad, use_bias=self.use_bias,
                  dtype=self.dtype, kernel_init=conv_init, name=self.conv_name)(x)
         if self.norm is not None:
             x = self.norm(name=self.norm_name)(x)
@@ -421,22 +427,20 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision,
                                             **kwargs)
-    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
     if (jax.default_backend() != "cpu" or lhs.ndim != 4 or kwargs or feature_group_count != 1
             or rhs.shape[:2] == (1, 1)
             or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
             or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc):
         return fallback()
-    window, strides = rhs.shape[:2], tuple(window_strides)
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], window, strides, padding)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    window, strides = rhs.shape[:2], _pair(window_strides)
+    pads = explicit_pads(lhs.shape[1:3], window, strides, padding)
     if min(min(p) for p in pads) < 0:
         return fallback()
-    out_hw = tuple((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(lhs.shape[1:3], pads, window, strides))
+    xp = _pad(lhs, pads)
+    out_hw = _out_hw(xp.shape[1:3], window, strides, (1, 1))
     if out_hw[0] * out_hw[1] > SMALL_MAP_PIXELS or min(out_hw) < 1:
         return fallback()
-    xp = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
     cols = jnp.concatenate([t for _, _, t in _taps(xp, window, out_hw, strides, (1, 1))], axis=-1)
     kernel = rhs.reshape(-1, rhs.shape[-1])
     return jax.lax.dot_general(cols, kernel, (((3,), (0,)), ((), ())), precision=precision)

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from scaling.models.layers import (DepthwiseConv, Dtype, activation, dense_init, global_avg_pool,
+from scaling.models.layers import (Dtype, activation, conv_module, dense_init, global_avg_pool,
                                    make_norm, sym_padding)
 from scaling.models.registry import register_model
 
@@ -78,9 +78,7 @@ def conv_bn(x, features: int, kernel: int, strides: int = 1, *, groups: int = 1,
             naming: str = "torchvision", dtype: Dtype = jnp.float32):
     """torch `Conv2d(bias=False, padding=k//2)` -> norm -> optional activation, named `names`.
     A depthwise conv (groups = features = input channels) is a `DepthwiseConv`."""
-    conv = DepthwiseConv if groups > 1 and groups == features == x.shape[-1] else functools.partial(
-        nn.Conv, feature_group_count=groups)
-    x = conv(features, (kernel, kernel), strides=strides, padding=sym_padding(kernel), use_bias=False,
+    x = conv_module(features, groups, x.shape[-1])(features, (kernel, kernel), strides=strides, padding=sym_padding(kernel), use_bias=False,
              dtype=dtype, kernel_init=_conv_init(naming, groups), name=names[0])(x)
     x = norm(name=names[1])(x)
     return x if act is None else activation(act)(x)
