@@ -4,6 +4,7 @@ this machine's matmul rate, and the real input pipeline against in-memory data.
     python benchmarks/train_step.py --model wrn_16_2 --batch 128 --resolution 32
     python benchmarks/train_step.py --model wrn_16_1 --compare-xla-flag   # flag on vs off
     python benchmarks/train_step.py --model resnet18 --dtype bfloat16      # bf16 compute
+    python benchmarks/train_step.py --model mobilenet_v2 --batch 32 --profile  # where time goes
 
 `step_gflop` is XLA's count for the compiled step (it counts what XLA executes, e.g. a
 grouped convolution it expands into a dense one); `useful_gflop` is the model's own MAC count
@@ -12,10 +13,14 @@ grouped convolution it expands into a dense one); `useful_gflop` is the model's 
 Figures are printed, never asserted.
 """
 import argparse
+import collections
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,6 +49,51 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
+def op_profile(compiled, state, batch, steps: int = 2, top: int = 25) -> str:
+    """Where one compiled step's time goes, from a JAX profiler trace: milliseconds per step of
+    each XLA op (summed over the CPU threads that ran it), grouped by direction (forward or
+    backward) and by the jax op it came from, plus how busy the threads were."""
+    meta = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?\s([a-z][a-z\-]*)\((.*)$",
+                         compiled.as_text(), re.M):
+        src = re.search(r'op_name="([^"]+)"', m.group(3))
+        meta[m.group(1)] = (m.group(2), src.group(1) if src else "")
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        t = time.perf_counter()
+        for _ in range(steps):
+            state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        wall_ms = (time.perf_counter() - t) / steps * 1e3
+        jax.profiler.stop_trace()
+        data = jax.profiler.ProfileData.from_file(
+            glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[-1])
+    per_op, per_thread = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            for e in line.events:
+                if e.name in meta:
+                    per_op[e.name] += e.duration_ns / steps / 1e6
+                    per_thread[line.name] += e.duration_ns / steps / 1e6
+    groups, rows = collections.Counter(), []
+    for op, ms in per_op.most_common():
+        kind, src = meta[op]
+        kind = "ynn_fusion (matmul/conv)" if op.startswith("ynn_fusion") else kind
+        direction = "bwd" if "transpose(" in src else "fwd" if src else "---"
+        what = kind if kind.startswith(("convolution", "ynn")) or not src else src.rsplit("/", 1)[-1]
+        groups[(direction, what)] += ms
+        rows.append(f"{ms:9.1f}  {direction}  {op:32.32s} {src.split(')/', 1)[-1][:72]}")
+    total = sum(per_op.values())
+    busy = ", ".join(f"{ms / wall_ms:.0%}" for ms in sorted(per_thread.values(), reverse=True))
+    out = [f"wall {wall_ms:.0f} ms/step; ops {total:.0f} thread-ms/step; "
+           f"threads busy {busy} of the wall time", "",
+           "   thread-ms  share  direction and group (XLA conv / matmul, else the jax op; "
+           "--- = no source, e.g. copies)"]
+    out += [f"{ms:12.1f} {ms / total:6.1%}  {d} {g}" for (d, g), ms in groups.most_common(top)]
+    out += ["", f"top {top} ops (thread-ms/step, direction, XLA op, source)"] + rows[:top]
+    return "\n".join(out)
+
+
 def bench(args) -> dict:
     info = model_info(args.model)
     size = args.resolution or info["resolution"]
@@ -65,6 +115,9 @@ def bench(args) -> dict:
     flops = profile.compiled_flops(compiled)
     state, m = compiled(state, gbatch)  # warm-up
     jax.block_until_ready(m)
+    if args.profile:
+        print(op_profile(compiled, state, gbatch))
+        return {}
     t = time.perf_counter()
     for _ in range(args.steps):
         state, m = compiled(state, gbatch)
@@ -112,6 +165,8 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--dtype", default="float32", choices=tuple(COMPUTE_DTYPES),
                    help="compute dtype (params stay float32), as train.compute_dtype")
+    p.add_argument("--profile", action="store_true",
+                   help="print where the step's time goes, per XLA op, instead of the speed")
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false")
     p.add_argument("--compare-xla-flag", action="store_true",
                    help="also run with SCALING_CPU_CONV_FLAG=0 (XLA's default conv path)")
