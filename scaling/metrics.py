@@ -73,19 +73,3 @@ class MetricWriter:
             self._tb.close()
             self._tb = None
 
-
-def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """ConfigDict / dict -> {'a.b': value} with scalar-friendly values (for hparams)."""
-    out: dict[str, Any] = {}
-    items = cfg.items() if hasattr(cfg, "items") else []
-    for k, v in items:
-        key = f"{prefix}{k}"
-        if hasattr(v, "items"):
-            out.update(flatten_config(v, key + "."))
-        elif v is None:
-            out[key] = "None"
-        elif isinstance(v, (list, tuple)):
-            out[key] = str(list(v))
-        else:
-            out[key] = v
-    return out

@@ -37,6 +37,8 @@ def default_train_config() -> ml_collections.ConfigDict:
         b2=0.999,
         label_smoothing=0.0,
         grad_clip_norm=0.0,
+        diverge_factor=10.0,        # Diverged when a log window's mean loss exceeds this times
+                                    # max(first window's loss, ln(num_classes)); 0: off
         compute_dtype="float32",    # float32 | bfloat16 (params stay float32)
         log_every_steps=50,
         eval_every_epochs=0.0,      # 0: evaluate at the end only
@@ -55,7 +57,7 @@ def _check(cond: bool, msg: str) -> None:
 def validate_config(config: Any, num_devices: int | None = None) -> None:
     """Checks a training config (model, data, train sections) before anything is compiled."""
     from scaling.data import validate_data_config
-    from scaling.train.loop import COMPUTE_DTYPES
+    from scaling.train.run import COMPUTE_DTYPES
 
     _check("model" in config and "name" in config.model, "model.name: missing; set the model to train.")
     check_model_name(config.model.name, "model.name")
@@ -79,6 +81,8 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
     _check(t.num_steps > 0 or t.num_epochs > 0,
            "train.num_epochs / train.num_steps: set one of them to a positive value.")
     _check(t.lr > 0, f"train.lr={t.lr}: must be positive.")
+    _check(t.diverge_factor >= 0, f"train.diverge_factor={t.diverge_factor}: must be >= 0 "
+           "(0 turns the loss-explosion rule off).")
     _check(0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing={t.label_smoothing}: must be in [0, 1).")
     _check(t.checkpoint_every_steps % t.log_every_steps == 0,
            f"train.checkpoint_every_steps={t.checkpoint_every_steps} must be a multiple of "

@@ -1,14 +1,20 @@
 """The fit loop: model + data + mesh -> trained state, checkpoints, logs and result.json.
 
-Nothing here knows about grids or which experiment runs it. A relaunch with the same
-workdir resumes from the newest readable checkpoint; because the batches of step s are a
-pure function of (seed, s) and the step RNG is fold_in(rng, s), a resumed run computes
-exactly what an uninterrupted one would (bitwise on CPU).
+Nothing here knows about grids or which experiment runs it; what the run directory holds is
+scaling.rundir's contract. `fit` is three parts: `_setup` (data, Run, state restored from the
+workdir, writer, evaluator, compiled step), `_train_loop`, and `_finish` (evaluation,
+result.json, HParams record, timing.json).
+
+A relaunch with the same workdir resumes from the newest readable checkpoint; because the
+batches of step s are a pure function of (seed, s) and the step RNG is fold_in(rng, s), a
+resumed run computes exactly what an uninterrupted one would (bitwise on CPU). The per-step
+metrics of the log window in progress are saved beside every checkpoint (progress.json), so a
+run resumed from inside a window (after a pause or a preemption) logs the same windows as an
+uninterrupted run, and judges divergence the same way.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -25,45 +31,88 @@ from scaling import _env
 from scaling import checkpoint as ckpt_lib
 from scaling import data as data_lib
 from scaling import metrics as metrics_lib
-from scaling import parallel
-from scaling.models import create_model, model_fields
+from scaling import parallel, rundir
 from scaling.train import finetune
-from scaling.train.state import TrainState, abstract_state, count_params, create_state
-from scaling.train.state import batch_spec as make_batch_spec
-from scaling.train.step import make_eval_step, make_train_step
+from scaling.train.run import COMPUTE_DTYPES, Run, build_model, make_run  # noqa: F401 (re-exported)
+from scaling.train.state import TrainState, count_params, create_state
+from scaling.train.step import make_eval_step
 
 log = logging.getLogger(__name__)
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_FIX = "Lower train.lr, or add train.grad_clip_norm or warmup (train.warmup_epochs)."
 
 
 class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """Training diverged: raised as soon as it is seen; the run is left unfinished (its
+    checkpoints stop at the last healthy save, no result.json is written).
 
-    def __init__(self, step: int, loss: float):
-        super().__init__(f"training diverged at step {step}: loss={loss}. Lower train.lr "
-                         "(or add train.grad_clip_norm / warmup).")
-        self.step, self.loss = step, loss
+    The rule, checked at every logged window (every `train.log_every_steps` steps and at the
+    end) on the per-step metrics the train step returns, which stay on device in between (no
+    extra host sync per step):
+      * a step's loss or grad_norm is NaN or infinite (the window's mean is then non-finite;
+        the message names the first such step), or
+      * the window's mean loss exceeds `train.diverge_factor` (default 10; 0 turns this rule
+        off) times max(the first logged window's mean loss, ln(num_classes)).
+    Parameters: with a finite grad_norm and learning rate an update is finite unless it
+    overflows, and a non-finite update shows in the next step's loss; to also catch an
+    overflow in the last steps before a save, the parameters and BatchNorm statistics are
+    checked for finiteness (one reduction on device) before every checkpoint, so no
+    checkpoint of a diverged state is written. A run paused inside a window is checked for
+    non-finite values only (the explosion rule needs the whole window).
+
+    Attributes: step, quantity ('loss', 'grad_norm' or 'params'), value, reason.
+    """
+
+    def __init__(self, step: int, value: float, quantity: str = "loss", reason: str | None = None):
+        self.step, self.value, self.quantity = int(step), value, quantity
+        self.reason = reason or f"{quantity}={value} is not finite"
+        super().__init__(f"training diverged at step {self.step}: {self.reason}. {_FIX}")
 
 
-def build_model(model_cfg: Any, num_classes: int, compute_dtype: str = "float32"):
-    """Creates the registered model named `model_cfg.name` with the config's other fields as
-    overrides; the head size comes from the data unless `model.num_classes` is set."""
-    overrides = {k: (tuple(v) if isinstance(v, list) else v)
-                 for k, v in model_cfg.items() if k != "name"}
-    if not overrides.get("num_classes"):
-        overrides["num_classes"] = num_classes
-    if "dtype" in model_fields(model_cfg.name) and compute_dtype != "float32":
-        overrides["dtype"] = COMPUTE_DTYPES[compute_dtype]
-    return create_model(model_cfg.name, **overrides)
+def divergence_reason(loss: float, grad_norm: float | None, first_loss: float | None,
+                      num_classes: int, factor: float) -> str | None:
+    """Why a logged window counts as diverged (the rule of `Diverged`), or None.
+
+    `loss` / `grad_norm`: the window's means; `first_loss`: the first logged window's mean
+    loss (None for the first window itself); `factor`: train.diverge_factor (0: only the
+    finiteness rule)."""
+    for name, value in (("loss", loss), ("grad_norm", grad_norm)):
+        if value is not None and not math.isfinite(value):
+            return f"{name}={value} is not finite"
+    if factor > 0:
+        first = loss if first_loss is None else first_loss
+        log_c = math.log(max(num_classes, 1))
+        if loss > factor * max(first, log_c):
+            return (f"the mean loss of the window, {loss:.4g}, exceeds train.diverge_factor="
+                    f"{factor:g} x max(first window's loss {first:.4g}, ln({num_classes}) = "
+                    f"{log_c:.4g})")
+    return None
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def hparams_record(config: Any, result: dict, hparams: dict | None = None) -> tuple[dict, dict]:
+    """(hparams, metrics) of a finished run's TensorBoard HParams record.
+
+    hparams: `hparams` as given (a flat dict name -> scalar: swept values, seed, ...) or, when
+    None, model.name, seed, train.lr, train.batch_size, the duration (train.num_steps when set,
+    else train.num_epochs) and data.image_size; plus `status` (the result's, 'done').
+    metrics: the result's val_top1, val_top5 and val_loss. The whole config is in the text tab."""
+    if hparams is None:
+        tc = config.train
+        duration = ("train.num_steps", tc.num_steps) if tc.num_steps > 0 else (
+            "train.num_epochs", tc.num_epochs)
+        hparams = {"model.name": config.model.name, "seed": config.get("seed", 0),
+                   "train.lr": tc.lr, "train.batch_size": tc.batch_size, duration[0]: duration[1],
+                   "data.image_size": config.data.image_size}
+    hp = {**hparams, "status": result["status"]}
+    metrics = {k: result[k] for k in ("val_top1", "val_top5", "val_loss") if result.get(k) is not None}
+    return hp, metrics
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 class Evaluator:
@@ -108,55 +157,75 @@ class _StopRequest:
 
 
 @dataclasses.dataclass
-class Run:
-    """What a training config compiles to: model, optimizer, schedule, durations and the
-    jitted train step with its input shapes. `fit` trains with it; the grid's preflight
-    compiles the very same step (so the second compile is a persistent-cache hit)."""
-    model: Any
-    tx: Any
-    schedule: Callable
-    steps_per_epoch: int
-    total_steps: int
-    step_fn: Callable
-    state_spec: Any
-    batch_spec: dict
-
-    def compile(self):
-        return self.step_fn.lower(self.state_spec, self.batch_spec).compile()
-
-
-def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
-    tc = config.train
-    parallel.check_batch_size(tc.batch_size, mesh, "train.batch_size")
-    steps_per_epoch = max(math.ceil(num_examples / tc.batch_size), 1)
-    total_steps = int(tc.num_steps) if tc.num_steps > 0 else int(round(tc.num_epochs * steps_per_epoch))
-    model = build_model(config.model, num_classes, tc.compute_dtype)
-    size = config.data.image_size
-    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    x1 = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    variables = jax.eval_shape(lambda x: model.init(rngs, x, train=False), x1)
-    params = variables["params"]
-    plan = finetune.make_plan(config, model, params)  # scratch / linear_probe / finetune[_bn]
-    tx, schedule = finetune.build_optimizer(tc, plan, steps_per_epoch, total_steps)
-    state_spec = abstract_state(variables, tx, rep)
-    batch_spec = make_batch_spec(tc.batch_size, (size, size, 3), data)
-    step_fn = make_train_step(model, tx, mesh, label_smoothing=tc.label_smoothing,
-                              compute_dtype=COMPUTE_DTYPES[tc.compute_dtype], plan=plan)
-    return Run(model, tx, schedule, steps_per_epoch, total_steps, step_fn, state_spec, batch_spec)
+class _Session:
+    """What `_setup` builds for one launch of `fit`, and the progress `_train_loop` makes."""
+    config: Any
+    workdir: str
+    mesh: Any
+    run: Run
+    train_ds: Any
+    evaluator: Evaluator
+    compiled: Callable
+    checkpointer: ckpt_lib.Checkpointer
+    writer: metrics_lib.MetricWriter
+    state: TrainState
+    start: int                  # the step this launch starts from (restored, or 0)
+    stop: int                   # the step it trains to: min(until_step, total_steps)
+    num_classes: int
+    n_params: int
+    n_stats: int
+    eval_every: int             # 0: evaluate at the end only
+    setup_s: float
+    compile_s: float
+    is_main: bool
+    window: list                # per-step metrics since the last logged window (on device)
+    first_loss: float | None    # the first logged window's mean loss (divergence reference)
+    step: int = 0
+    last_train: dict = dataclasses.field(default_factory=dict)
+    step_times: list = dataclasses.field(default_factory=list)
+    train_time_s: float = 0.0
 
 
 def fit(config: Any, workdir: str, *, mesh=None, variables: dict | None = None,
-        on_log: Callable[[int, dict], None] | None = None) -> dict:
+        on_log: Callable[[int, dict], None] | None = None, until_step: int | None = None,
+        hparams: dict | None = None) -> dict:
     """Trains `config.model` on `config.data` with `config.train`; returns the final metrics.
 
-    Writes WORKDIR/checkpoints, TensorBoard events + metrics.jsonl, result.json (final
-    metrics, deterministic) and timing.json (wall-clock figures, per launch).
+    Writes the run directory of scaling.rundir: checkpoints/, TensorBoard events +
+    metrics.jsonl, result.json (final metrics, deterministic), timing.json (wall-clock, per
+    launch). Resumes from the newest checkpoint in `workdir`.
+
+    variables: initial {'params', 'batch_stats'} (else config.init's weights, else random).
+    on_log(step, scalars): called at every logged train window.
+    until_step: train with the whole configured schedule but stop after this step: save a
+      checkpoint there, evaluate (logged as eval/* at that step) and return the result's keys
+      with status 'paused' and step = until_step (train_loss / train_top1: the mean over the
+      steps since the last logged window, or of that window when the pause ends one), without
+      result.json or the HParams record; timing.json records the launch. A relaunch with a
+      larger until_step (or None) resumes and ends with exactly the result.json and train/*
+      log of an uninterrupted run (at any until_step, on a log window boundary or not); the
+      only differences in the logs are the eval/* point at the pause step (when it is not an
+      eval step anyway) and wall-clock values (train/images_per_sec). None, or >= the run's
+      total steps: train to the end. A run already past until_step is not rewound: it
+      evaluates and returns 'paused' at its step.
+    hparams: the TensorBoard HParams record's hparams (see `hparams_record`).
+    Returns {'status': 'preempted', 'step'} when a SIGTERM stopped it (relaunch to resume).
+    Raises Diverged (see there) when training diverges.
     """
+    session = _setup(config, workdir, mesh, variables, until_step)
+    try:
+        preempted = _train_loop(session, on_log)  # closes the checkpointer (waits for saves)
+        return _finish(session, preempted, hparams)
+    finally:
+        session.writer.close()
+
+
+def _setup(config: Any, workdir: str, mesh, variables: dict | None, until_step: int | None) -> _Session:
+    if until_step is not None and int(until_step) < 1:
+        raise ValueError(f"fit: until_step={until_step} must be a positive step (or None: to the end).")
     tc = config.train
     mesh = mesh or parallel.make_mesh()
-    pi, pc = jax.process_index(), jax.process_count()
-    is_main = pi == 0
+    is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     t_setup = time.perf_counter()
 
@@ -164,25 +233,26 @@ def fit(config: Any, workdir: str, *, mesh=None, variables: dict | None = None,
     eval_ds = data_lib.build_dataset(config.data, config.data.eval_split, train=False, seed=config.seed)
     parallel.check_batch_size(tc.eval_batch_size, mesh, "train.eval_batch_size")
     run = make_run(config, mesh, train_ds.num_classes, train_ds.num_examples)
-    model, tx, schedule = run.model, run.tx, run.schedule
-    batch, steps_per_epoch, total_steps = tc.batch_size, run.steps_per_epoch, run.total_steps
+    steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
+    stop = total_steps if until_step is None else min(int(until_step), total_steps)
     eval_every = int(tc.eval_every_steps) if tc.eval_every_steps > 0 else int(
         round(tc.eval_every_epochs * steps_per_epoch)) if tc.eval_every_epochs > 0 else 0
     size = config.data.image_size
 
     if variables is None:  # pretrained weights from config.init.path, if any
-        variables = finetune.initial_variables(config, model, jax.random.PRNGKey(config.seed), size)
-    host_state = create_state(model, tx, jax.random.PRNGKey(config.seed), (size, size, 3), variables)
+        variables = finetune.initial_variables(config, run.model, jax.random.PRNGKey(config.seed), size)
+    host_state = create_state(run.model, run.tx, jax.random.PRNGKey(config.seed), (size, size, 3), variables)
     n_params, n_stats = count_params(host_state.params), count_params(host_state.batch_stats)
     state = parallel.replicate(host_state, mesh)
     del host_state
 
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=tc.keep_checkpoints)
+    checkpointer = ckpt_lib.Checkpointer(rundir.checkpoint_dir(workdir), max_to_keep=tc.keep_checkpoints)
     state, restored = checkpointer.restore(state)
     start = int(parallel.fetch(state.step))
+    window, first_loss = [], None
     if restored is not None:
         log.info("resumed from %s at step %d", checkpointer.directory, start)
+        window, first_loss = _carried_over(workdir, restored, mesh)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=restored)
     if restored is None and is_main:
         writer.text("config", f"```\n{config}\n```")
@@ -192,97 +262,176 @@ def fit(config: Any, workdir: str, *, mesh=None, variables: dict | None = None,
             and not _env.cpu_has_native_bf16()):
         log.warning("train.compute_dtype=bfloat16 on a CPU without native bf16 (no AVX-512 BF16 "
                     "or AMX): XLA emulates it, so it runs slower than float32 here.")
-    evaluator = Evaluator(eval_ds, make_eval_step(model, mesh, compute_dtype=compute_dtype),
+    evaluator = Evaluator(eval_ds, make_eval_step(run.model, mesh, compute_dtype=compute_dtype),
                           tc.eval_batch_size, mesh)
-    batch_sharding = parallel.batch_sharding(mesh)
     t0 = time.perf_counter()
     compiled = run.compile()
     compile_s = time.perf_counter() - t0
     log.info("model %s: %d params, %d BN stats; train step compiled in %.1f s; %d devices, "
-                 "global batch %d, %d steps (%d/epoch)", config.model.name, n_params, n_stats,
-                 compile_s, mesh.devices.size, batch, total_steps, steps_per_epoch)
+             "global batch %d, %d steps (%d/epoch)%s", config.model.name, n_params, n_stats,
+             compile_s, mesh.devices.size, tc.batch_size, total_steps, steps_per_epoch,
+             f"; pausing after step {stop}" if stop < total_steps else "")
+    return _Session(config, workdir, mesh, run, train_ds, evaluator, compiled, checkpointer, writer,
+                    state, start, stop, train_ds.num_classes, n_params, n_stats, eval_every,
+                    t0 - t_setup, compile_s, is_main, window, first_loss)
 
+
+def _carried_over(workdir: str, step: int, mesh) -> tuple[list, float | None]:
+    """The log window in progress and the divergence reference at checkpoint `step`
+    (progress.json), with the window's per-step metrics back on the devices."""
+    entry = rundir.read_progress(workdir, step)
+    if entry is None:  # e.g. killed between the checkpoint and its progress record
+        log.info("no progress record for step %d: the first log window after it is partial", step)
+        return [], None
+    dtypes = entry.get("dtypes", {})
+    window = [{k: np.asarray(v, dtype=dtypes.get(k, "float32")) for k, v in m.items()}
+              for m in entry["window"]]
+    return parallel.replicate(window, mesh), entry.get("first_loss")
+
+
+def _train_loop(s: _Session, on_log: Callable[[int, dict], None] | None) -> bool:
+    """Steps s.start+1 .. s.stop: logs, evaluates and checkpoints on schedule, then saves a
+    checkpoint at the last step. Returns True when a SIGTERM stopped it early."""
+    tc = s.config.train
+    batch, total_steps = tc.batch_size, s.run.total_steps
     log_every = max(int(tc.log_every_steps), 1)
-    window: list[dict] = []
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
-    step_times: list[float] = []
-    bar = tqdm(total=total_steps, initial=start, disable=not (is_main and tc.progress_bar),
+    batch_sharding = parallel.batch_sharding(s.mesh)
+    bar = tqdm(total=total_steps, initial=s.start, disable=not (s.is_main and tc.progress_bar),
                dynamic_ncols=True, unit="step", mininterval=2.0)
     t_loop = t_log = time.perf_counter()
     seen_since_log = 0
-    step = start
-    stopped_early = False
+    s.step = s.start
+    preempted = False
     try:
         with _StopRequest() as stop:
-            for step_idx, local in data_lib.prefetch(train_ds, start, total_steps, batch, pi, pc):
-                state, m = compiled(state, parallel.to_global(local, batch_sharding))
-                window.append(m)
-                step = step_idx + 1
+            for step_idx, local in data_lib.prefetch(s.train_ds, s.start, s.stop, batch,
+                                                     jax.process_index(), jax.process_count()):
+                s.state, m = s.compiled(s.state, parallel.to_global(local, batch_sharding))
+                s.window.append(m)
+                s.step = step = step_idx + 1
                 seen_since_log += batch
                 bar.update(1)
                 if step % log_every == 0 or step == total_steps:
-                    vals = parallel.fetch(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *window))
-                    window = []
                     now = time.perf_counter()
                     ips = seen_since_log / max(now - t_log, 1e-9)
-                    step_times.append((now - t_log) / max(seen_since_log / batch, 1))
+                    s.step_times.append((now - t_log) / max(seen_since_log / batch, 1))
                     t_log, seen_since_log = now, 0
-                    last_train = {k: float(v) for k, v in vals.items()}
-                    if not np.isfinite(last_train["loss"]):
-                        raise Diverged(step, last_train["loss"])
-                    scal = {f"train/{k}": v for k, v in last_train.items()}
-                    scal["train/lr"] = float(schedule(step - 1))
-                    scal["train/images_per_sec"] = ips
-                    scal["train/epoch"] = step / steps_per_epoch
-                    writer.scalars(step, scal)
-                    bar.set_postfix(loss=f"{last_train['loss']:.3f}", img_s=f"{ips:.0f}")
+                    scal = _log_window(s, step, ips)
+                    bar.set_postfix(loss=f"{s.last_train['loss']:.3f}", img_s=f"{ips:.0f}")
                     if on_log:
                         on_log(step, scal)
-                if eval_every and step % eval_every == 0 and step != total_steps:
+                if s.eval_every and step % s.eval_every == 0 and step != s.stop:
                     t_eval = time.perf_counter()
-                    last_eval = evaluator(state)
-                    writer.scalars(step, {f"eval/{k}": v for k, v in last_eval.items() if k != "examples"})
+                    _evaluate(s, step)
                     t_log += time.perf_counter() - t_eval  # eval time is not training throughput
                 if step % tc.checkpoint_every_steps == 0 or stop.requested:
-                    checkpointer.save(step, state)
+                    _save(s, step)
                 if stop.requested:
                     log.warning("SIGTERM: saved step %d; relaunch to resume", step)
-                    stopped_early = True
+                    preempted = True
                     break
-        if not stopped_early:
-            checkpointer.save(step, state, force=True)
+        if not preempted:
+            _save(s, s.step, force=True)
     finally:
         bar.close()
-        checkpointer.close()
-    train_time = time.perf_counter() - t_loop
+        s.checkpointer.close()
+    s.train_time_s = time.perf_counter() - t_loop
+    return preempted
 
-    if stopped_early:
-        writer.close()
-        return {"status": "preempted", "step": step}
-    final_eval = evaluator(state)
-    writer.scalars(total_steps, {f"eval/{k}": v for k, v in final_eval.items() if k != "examples"})
+
+def _window_means(window: list) -> dict[str, float]:
+    means = parallel.fetch(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *window))
+    return {k: float(v) for k, v in means.items()}
+
+
+def _log_window(s: _Session, step: int, images_per_sec: float) -> dict:
+    """Logs the window that ends at `step` (raising Diverged first if it diverged)."""
+    s.last_train = _window_means(s.window)
+    _check_divergence(s, step, s.last_train, explosion=True)
+    s.window = []
+    if s.first_loss is None:
+        s.first_loss = s.last_train["loss"]
+    scal = {f"train/{k}": v for k, v in s.last_train.items()}
+    scal["train/lr"] = float(s.run.schedule(step - 1))
+    scal["train/images_per_sec"] = images_per_sec
+    scal["train/epoch"] = step / s.run.steps_per_epoch
+    s.writer.scalars(step, scal)
+    return scal
+
+
+def _check_divergence(s: _Session, step: int, means: dict, *, explosion: bool) -> None:
+    """Raises Diverged when the window ending at `step` (whose means are `means`) diverged."""
+    factor = float(s.config.train.diverge_factor) if explosion else 0.0
+    reason = divergence_reason(means["loss"], means.get("grad_norm"), s.first_loss,
+                               s.num_classes, factor)
+    if reason is None:
+        return
+    at, quantity, value = step, "loss", means["loss"]
+    if not math.isfinite(value) or not math.isfinite(means.get("grad_norm", 0.0)):
+        # Name the first step with a non-finite value (the means can also overflow on their own).
+        for i, m in enumerate(parallel.fetch(s.window)):
+            bad = [(k, float(m[k])) for k in ("loss", "grad_norm") if k in m and not np.isfinite(m[k])]
+            if bad:
+                at, (quantity, value) = step - len(s.window) + 1 + i, bad[0]
+                reason = f"{quantity}={value} is not finite"
+                break
+    raise Diverged(at, value, quantity, reason)
+
+
+def _evaluate(s: _Session, step: int) -> dict:
+    """Evaluates the current state on the eval split and logs eval/* at `step`."""
+    metrics = s.evaluator(s.state)
+    s.writer.scalars(step, {f"eval/{k}": v for k, v in metrics.items() if k != "examples"})
+    return metrics
+
+
+def _save(s: _Session, step: int, force: bool = False) -> None:
+    """Checkpoints the state at `step` (refusing a non-finite one: Diverged) and records the
+    log window in progress beside it."""
+    if not bool(parallel.fetch(_all_finite((s.state.params, s.state.batch_stats)))):
+        raise Diverged(step, float("nan"), "params",
+                       "the parameters or BatchNorm statistics are not finite")
+    if s.checkpointer.save(step, s.state, force=force) and s.is_main:
+        window = parallel.fetch(s.window)
+        rundir.write_progress(s.workdir, step, {
+            "window": [{k: float(v) for k, v in m.items()} for m in window],
+            "dtypes": {k: str(np.asarray(v).dtype) for k, v in window[0].items()} if window else {},
+            "first_loss": s.first_loss}, keep=s.config.train.keep_checkpoints)
+
+
+def _finish(s: _Session, preempted: bool, hparams: dict | None) -> dict:
+    """Evaluates, writes result.json and the HParams record of a finished run, and records
+    the launch in timing.json; a paused run gets the same metrics but no result.json."""
+    if preempted:
+        _record_launch(s, "preempted")
+        return {"status": "preempted", "step": s.step}
+    finished = s.step >= s.run.total_steps
+    train = s.last_train
+    if not finished and s.window:  # paused inside a log window: report the steps since the last one
+        train = _window_means(s.window)
+        _check_divergence(s, s.step, train, explosion=False)
+    final_eval = _evaluate(s, s.step)
     result = {
         "val_top1": final_eval["top1"], "val_top5": final_eval["top5"],
         "val_loss": final_eval["loss"], "val_examples": final_eval["examples"],
-        "train_loss": last_train.get("loss"), "train_top1": last_train.get("top1"),
-        "step": total_steps, "epochs": total_steps / steps_per_epoch,
-        "params": n_params, "batch_stats": n_stats, "model": config.model.name,
-        "num_devices": int(mesh.devices.size), "status": "done",
+        "train_loss": train.get("loss"), "train_top1": train.get("top1"),
+        "step": s.step, "epochs": s.step / s.run.steps_per_epoch,
+        "params": s.n_params, "batch_stats": s.n_stats, "model": s.config.model.name,
+        "num_devices": int(s.mesh.devices.size), "status": "done" if finished else "paused",
     }
-    writer.hparams(metrics_lib.flatten_config(config),
-                   {k: result[k] for k in ("val_top1", "val_top5", "val_loss") if result[k] is not None})
-    writer.close()
-    if is_main:
-        write_json_atomic(os.path.join(workdir, "result.json"), result)
-        timing_path = os.path.join(workdir, "timing.json")
-        timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {"launches": []}
-        timing["launches"].append({
-            "start_step": start, "end_step": total_steps, "train_time_s": train_time,
-            "compile_time_s": compile_s, "setup_time_s": t0 - t_setup,
-            "step_time_s": float(np.median(step_times)) if step_times else None})
-        timing["train_time_s"] = sum(x["train_time_s"] for x in timing["launches"])
-        steps_timed = [x["step_time_s"] for x in timing["launches"] if x["step_time_s"]]
-        timing["step_time_s"] = float(np.median(steps_timed)) if steps_timed else None
-        write_json_atomic(timing_path, timing)
+    if finished:
+        s.writer.hparams(*hparams_record(s.config, result, hparams))
+    s.writer.close()
+    if finished and s.is_main:
+        rundir.write_result(s.workdir, result)
+    _record_launch(s, result["status"])
     return result
+
+
+def _record_launch(s: _Session, status: str) -> None:
+    if s.is_main:
+        rundir.record_launch(s.workdir, {
+            "start_step": s.start, "end_step": s.step, "status": status,
+            "train_time_s": s.train_time_s, "compile_time_s": s.compile_s,
+            "setup_time_s": s.setup_s,
+            "step_time_s": float(np.median(s.step_times)) if s.step_times else None})

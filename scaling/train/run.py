@@ -1,0 +1,105 @@
+"""What a training config compiles to (`prepare`), and the trained variables of a run
+directory (`restore`): the trainer's API for code that needs the model, its train step or its
+weights without training (a grid's preflight, weight export, transfer)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from scaling import checkpoint as ckpt_lib
+from scaling import parallel, rundir
+from scaling.models import create_model, model_fields
+from scaling.train import finetune
+from scaling.train.state import abstract_state
+from scaling.train.state import batch_spec as make_batch_spec
+from scaling.train.step import make_train_step
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(model_cfg: Any, num_classes: int, compute_dtype: str = "float32"):
+    """Creates the registered model named `model_cfg.name` with the config's other fields as
+    overrides; the head size comes from the data unless `model.num_classes` is set."""
+    overrides = {k: (tuple(v) if isinstance(v, list) else v)
+                 for k, v in model_cfg.items() if k != "name"}
+    if not overrides.get("num_classes"):
+        overrides["num_classes"] = num_classes
+    if "dtype" in model_fields(model_cfg.name) and compute_dtype != "float32":
+        overrides["dtype"] = COMPUTE_DTYPES[compute_dtype]
+    return create_model(model_cfg.name, **overrides)
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training config compiles to: model, optimizer, schedule, durations and the
+    jitted train step with its input shapes. `fit` trains with it; a grid's preflight
+    compiles the very same step (so the second compile is a persistent-cache hit)."""
+    model: Any
+    tx: Any
+    schedule: Callable
+    steps_per_epoch: int
+    total_steps: int
+    step_fn: Callable
+    state_spec: Any
+    batch_spec: dict
+
+    def compile(self):
+        return self.step_fn.lower(self.state_spec, self.batch_spec).compile()
+
+
+def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
+    """The Run of `config` for a training split of `num_examples` images of `num_classes`."""
+    tc = config.train
+    parallel.check_batch_size(tc.batch_size, mesh, "train.batch_size")
+    steps_per_epoch = max(math.ceil(num_examples / tc.batch_size), 1)
+    total_steps = int(tc.num_steps) if tc.num_steps > 0 else int(round(tc.num_epochs * steps_per_epoch))
+    model = build_model(config.model, num_classes, tc.compute_dtype)
+    size = config.data.image_size
+    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    x1 = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    variables = jax.eval_shape(lambda x: model.init(rngs, x, train=False), x1)
+    params = variables["params"]
+    plan = finetune.make_plan(config, model, params)  # scratch / linear_probe / finetune[_bn]
+    tx, schedule = finetune.build_optimizer(tc, plan, steps_per_epoch, total_steps)
+    state_spec = abstract_state(variables, tx, rep)
+    batch_spec = make_batch_spec(tc.batch_size, (size, size, 3), data)
+    step_fn = make_train_step(model, tx, mesh, label_smoothing=tc.label_smoothing,
+                              compute_dtype=COMPUTE_DTYPES[tc.compute_dtype], plan=plan)
+    return Run(model, tx, schedule, steps_per_epoch, total_steps, step_fn, state_spec, batch_spec)
+
+
+def prepare(config: Any, mesh=None) -> Run:
+    """The Run of `config` (nothing is compiled or initialised: shapes only). Opens the
+    training split's source to learn its class and example counts."""
+    from scaling.data import build_source
+
+    source = build_source(config.data, config.data.train_split)
+    return make_run(config, mesh or parallel.make_mesh(), source.num_classes, len(source))
+
+
+def restore(config: Any, run_dir: str, mesh=None, *, run: Run | None = None) -> dict:
+    """The variables {'params': ..., 'batch_stats': ... (models with BatchNorm only)} of the
+    newest readable checkpoint of `fit(config, run_dir)`, finished or not, as host numpy
+    arrays. Pass `run` (this config's `prepare`) to reuse it. Raises FileNotFoundError naming
+    the directory when it holds no checkpoint."""
+    directory = rundir.checkpoint_dir(run_dir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint in {directory}: the directory does not exist.")
+    run = run or prepare(config, mesh)
+    checkpointer = ckpt_lib.Checkpointer(directory)
+    try:
+        state, step = checkpointer.restore(run.state_spec)
+    finally:
+        checkpointer.close()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}.")
+    variables = {"params": parallel.fetch(state.params)}
+    if jax.tree.leaves(state.batch_stats):
+        variables["batch_stats"] = parallel.fetch(state.batch_stats)
+    return variables
