@@ -4,7 +4,8 @@ params, size in MB, GMACs, step time, training time, validation accuracy, learni
     python launch.py --config configs/compare.py --workdir runs/compare
     python launch.py --config configs/compare.py:imagenet
 
-Add a model: --config.compare.models.<label>.name=... (a section per model: name + fields).
+A config over the generic sweep: axis `model` over the labels of `sweep.models` (label -> a
+model section: name + fields), `sweep.derive="models"`.
 Presets: default (5 embedded CIFAR-10 classes at 32 px, a short run per model, CPU size),
 cifar10, imagenet (224 px, the architectures exactly as published).
 """
@@ -12,17 +13,23 @@ import ml_collections
 
 from configs import train
 from experiments.grid import default_grid_config
+from experiments.sweep import default_sweep_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = arg or "default"
     c = train.get_config("default")
-    c.experiment = "compare"
+    c.experiment = "sweep"
     c.grid = default_grid_config()
-    c.compare = ml_collections.ConfigDict(dict(models=ml_collections.ConfigDict(dict(
+    c.sweep = s = default_sweep_config()
+    s.models = ml_collections.ConfigDict(dict(
         mobilenet_v2_a050=ml_collections.ConfigDict(dict(name="mobilenet_v2", alpha=0.5)),
         vgg16=ml_collections.ConfigDict(dict(name="vgg16")),
-    ))))
+    ))
+    s.axes = ml_collections.ConfigDict(dict(model=tuple(s.models.keys())))
+    s.derive = "models"
+    s.report.update(columns=("size_mb", "step_time_s", "train_time_s", "peak_memory_mb"),
+                    curves=("eval/top1", "train/loss"), x=("gmacs",), title="model comparison")
     if preset == "default":
         c.data.update(classes=(0, 1, 2, 3, 4), examples_per_class=300)
         c.train.update(batch_size=32, eval_batch_size=200, num_epochs=2.0, optimizer="sgd",

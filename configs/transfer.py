@@ -26,6 +26,7 @@ import ml_collections
 
 from configs import train
 from experiments.grid import default_grid_config
+from experiments.sweep import default_sweep_config
 from scaling.train.finetune import default_init_config
 
 PRESETS = ("default", "tfds", "folder", "test")
@@ -37,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = train.get_config("default")
     c.experiment = "transfer"
     c.grid = default_grid_config()
+    c.sweep = default_sweep_config()  # transfer.py sets the axes (modes); seeds here
+    c.sweep.seeds = 3 if preset == "default" else 1
     c.init = default_init_config()
     c.init.update(source="auto", new_head=True)
     c.transfer = ml_collections.ConfigDict(dict(

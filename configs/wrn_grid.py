@@ -4,7 +4,7 @@
     python launch.py --config configs/wrn_grid.py:cifar10 --config.grid.num_workers=8 --config.grid.worker=$i
 
 Depth and l must fit depth = 3 * N * l + 4 (N blocks per group); other combinations are
-filtered out by `grid.constraint`.
+filtered out by `sweep.constraint`. A config over the generic sweep (experiments/sweep.py).
 
 Presets:
   default  l in {1, 2} x k in {1, 2} at depth 10 on 2,000 embedded CIFAR-10 images, 3 epochs
@@ -17,6 +17,7 @@ import ml_collections
 
 from configs import train
 from experiments.grid import default_grid_config
+from experiments.sweep import default_sweep_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -24,17 +25,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = train.get_config("cifar10" if preset == "cifar10" else "default")
     c.experiment = "sweep"
     c.grid = default_grid_config()
-    c.grid.mode = "product"
-    c.grid.targets = ml_collections.ConfigDict(dict(
+    c.sweep = s = default_sweep_config()
+    s.targets = ml_collections.ConfigDict(dict(
         l="model.convs_per_block", k="model.widen_factor", depth="model.depth",
         dropout="model.dropout"))
-    c.grid.constraint = "(depth - 4) % (3 * l) == 0"
-    c.grid.heatmap = ("l", "k")
+    s.constraint = "(depth - 4) % (3 * l) == 0"
+    s.report.update(heatmap=("l", "k"), x=("gmacs", "params"), title="WideResNet: l x k")
     if preset == "cifar10":
-        c.grid.axes = ml_collections.ConfigDict(dict(
+        s.axes = ml_collections.ConfigDict(dict(
             l=(1, 2, 3, 4), k=(1, 2, 4, 8, 10), depth=(16, 22, 28, 40), dropout=(0.0, 0.3)))
+        s.seeds = 2
     elif preset == "default":
-        c.grid.axes = ml_collections.ConfigDict(dict(l=(1, 2), k=(1, 2), depth=(10,), dropout=(0.0,)))
+        s.axes = ml_collections.ConfigDict(dict(l=(1, 2), k=(1, 2), depth=(10,), dropout=(0.0,)))
         c.data.examples_per_class = 200
         c.train.update(num_epochs=3.0, batch_size=128, warmup_epochs=0.0, log_every_steps=8,
                        checkpoint_every_steps=16, eval_batch_size=512, progress_bar=False)

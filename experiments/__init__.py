@@ -9,11 +9,8 @@ import importlib
 
 EXPERIMENTS = {
     "train": "experiments.train",
-    "sweep": "experiments.sweep",
-    "compare": "experiments.compare",
-    "efficientnet_search": "experiments.efficientnet_search",
-    "efficientnet_family": "experiments.efficientnet_family",
-    "transfer": "experiments.transfer",
+    "sweep": "experiments.sweep",        # every declarative study (configs/*_grid.py, ...)
+    "transfer": "experiments.transfer",  # a pretraining stage, then a sweep over modes
 }
 
 

@@ -1,12 +1,22 @@
-"""Grid engine: trials from axes, one directory each, claims for many workers, resume,
-preflight against compute/memory budgets, failure isolation, one results table.
+"""Grid engine: one directory per trial, claims for many workers, resume, preflight against
+compute/memory budgets, failure isolation, successive halving, one results table.
 
-    WORKDIR/trials/<id>/   config.txt, checkpoints/, events, metrics.jsonl, result.json
-    WORKDIR/results.csv    one row per trial (also results.json)
+    WORKDIR/trials/<id>/   config.txt, checkpoints/, events, metrics.jsonl, result.json,
+                           rung<k>.json (the trial's metrics at the end of halving rung k)
+    WORKDIR/preflight/     <point>.json: GMACs, params, peak memory (shared by its seeds)
+    WORKDIR/results.csv    one row per trial (also results.json); rungs.json: the rung table
 
-A trial's id is made from its swept values (`alpha=1.2,beta=1.1` -> `alpha1.2-beta1.1`), so
-it is stable across launches and workers. Relaunching skips finished trials (their
-result.json has a final status) and resumes unfinished ones from their checkpoints.
+A point's id is made from its swept values (`alpha=1.2,beta=1.1` -> `alpha1.2-beta1.1`), a
+trial's from its point and seed, so both are stable across launches and workers. Relaunching
+skips finished trials (their result.json has a final status) and resumes unfinished ones
+from their checkpoints.
+
+Successive halving: every trial trains to the first rung's step and stops there (the
+learning-rate schedule is the full budget's, so a promoted trial continuing from its own
+checkpoint computes exactly what a straight run would). When every trial of the rung has
+finished, points are ranked by the mean metric over their seeds and the top ceil(n / eta)
+go on; the others end `pruned`. The ranking is a pure function of the (deterministic) rung
+results, so every worker computes the same promotions.
 
 Workers (`grid.num_workers=N`, `grid.worker=i`, or SLURM array variables) first take the
 trials i, i+N, ... and then help with whatever is left. A trial is run only by the worker
@@ -15,10 +25,8 @@ holding its claim file, created atomically (O_EXCL); a claim whose heartbeat sto
 """
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -27,22 +35,40 @@ import socket
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import ml_collections
 
+from scaling import rundir
+
 log = logging.getLogger(__name__)
 
-FINAL = ("done", "diverged", "failed", "infeasible")
-BASE_COLUMNS = ("trial", "status", "val_top1", "val_top5", "val_loss", "params", "gmacs",
-                "peak_memory_mb", "step_time_s", "train_time_s", "reason")
+FINAL = ("done", "diverged", "failed", "infeasible", "pruned", "excluded")
+RUNG_FINAL = ("paused", *FINAL)     # a trial's state at the end of a rung
+BASE_COLUMNS = ("trial", "point", "seed", "status", "rung", "step", "val_top1", "val_top5",
+                "val_loss", "params", "gmacs", "peak_memory_mb", "step_time_s", "train_time_s",
+                "reason")
+
+
+@dataclasses.dataclass
+class Point:
+    id: str
+    values: dict[str, Any]          # swept values, then derived and realized ones
+    config: Any                     # the training config (seed not set yet)
+    excluded: str | None = None     # why the study leaves it out (cost control)
 
 
 @dataclasses.dataclass
 class Trial:
     id: str
-    values: dict[str, Any]          # the swept values, by axis name
+    values: dict[str, Any]          # the point's values and the seed
     config: Any                     # the full training config of this trial
+    point: str | None = None        # the point it replicates (default: its own id)
+    excluded: str | None = None
+    hparams: dict[str, Any] | None = None  # what TensorBoard's HParams tab shows
+
+    def __post_init__(self):
+        self.point = self.point or self.id
 
 
 def _fmt_value(v: Any) -> str:
@@ -53,25 +79,6 @@ def _fmt_value(v: Any) -> str:
 
 def trial_id(values: dict[str, Any]) -> str:
     return "-".join(f"{k}{_fmt_value(v)}" for k, v in values.items()) or "single"
-
-
-def grid_points(axes: dict[str, Iterable], mode: str = "product",
-                constraint: Callable[[dict], bool] | None = None) -> list[dict[str, Any]]:
-    """Axis values -> list of points: 'product' (every combination, optionally filtered by
-    `constraint`) or 'zip' (the i-th value of every axis)."""
-    names = list(axes)
-    values = [list(axes[n]) for n in names]
-    if mode == "product":
-        points = [dict(zip(names, combo)) for combo in itertools.product(*values)]
-    elif mode == "zip":
-        lengths = {len(v) for v in values}
-        if len(lengths) > 1:
-            raise ValueError(f"grid.mode='zip' needs axes of one length; got "
-                             f"{ {n: len(v) for n, v in zip(names, values)} }.")
-        points = [dict(zip(names, combo)) for combo in zip(*values)]
-    else:
-        raise ValueError(f"grid.mode: unknown {mode!r}; use 'product' or 'zip'.")
-    return [p for p in points if constraint is None or constraint(p)]
 
 
 def set_path(cfg: ml_collections.ConfigDict, path: str, value: Any) -> None:
@@ -173,20 +180,18 @@ def _claim_is_stale(path: str, stale_after_s: float) -> bool:
 
 
 # ----------------------------------------------------------------------------- results
-def read_result(trial_dir: str) -> dict | None:
-    path = os.path.join(trial_dir, "result.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+def rung_path(trial_dir: str, k: int) -> str:
+    return os.path.join(trial_dir, f"rung{k}.json")
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
+def trial_state(trial_dir: str) -> dict:
+    """The trial's final result, else its newest rung result, else pending."""
+    res = rundir.read_result(trial_dir)
+    if res and res.get("status") in FINAL:
+        return res
+    rungs = sorted(int(f[4:-5]) for f in (os.listdir(trial_dir) if os.path.isdir(trial_dir) else [])
+                   if f.startswith("rung") and f.endswith(".json"))
+    return rundir.read_json(rung_path(trial_dir, rungs[-1])) if rungs else {"status": "pending"}
 
 
 def _jsonable(v: Any) -> Any:
@@ -195,44 +200,45 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def collect_results(workdir: str, trials: list[Trial]) -> list[dict]:
-    """One row per trial (pending ones too), swept values as columns; writes results.csv/json."""
+def collect_rows(workdir: str, trials: list[Trial]) -> list[dict]:
+    """One row per trial (pending ones too): its point's values, seed, state and metrics."""
     rows = []
-    axis_names: list[str] = []
-    for t in trials:
-        for k in t.values:
-            if k not in axis_names:
-                axis_names.append(k)
     for t in trials:
         tdir = os.path.join(workdir, "trials", t.id)
-        res = read_result(tdir) or {"status": "pending"}
-        timing_path = os.path.join(tdir, "timing.json")
-        timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
-        row = {"trial": t.id, **{k: t.values.get(k) for k in axis_names}}
-        for c in BASE_COLUMNS[1:]:
-            row[c] = res.get(c)
+        res = trial_state(tdir)
+        timing = rundir.read_timing(tdir)
+        row = {"trial": t.id, "point": t.point, **t.values}
+        for c in BASE_COLUMNS[3:]:
+            if res.get(c) is not None or c not in row:
+                row[c] = res.get(c)
         row["step_time_s"] = res.get("step_time_s", timing.get("step_time_s"))
         row["train_time_s"] = res.get("train_time_s", timing.get("train_time_s"))
         if res.get("params") is not None:  # float32 weights + BN statistics, 10^6 bytes
             row["size_mb"] = (res["params"] + (res.get("batch_stats") or 0)) * 4 / 1e6
-        for k, v in res.items():  # experiment-specific extras (resolution, objective, ...)
+        if res.get("gmacs") is not None and res.get("step") is not None:  # 2 FLOP/MAC x 3 (fwd+bwd)
+            row["train_pflop"] = 6e-6 * res["gmacs"] * res["step"] * t.config.train.batch_size
+        for k, v in res.items():  # experiment-specific extras
             if k not in row and not isinstance(v, (dict, list)):
                 row[k] = v
         rows.append({k: _jsonable(v) for k, v in row.items()})
-    columns: list[str] = ["trial", *axis_names]
+    return rows
+
+
+def write_results(workdir: str, rows: list[dict], name: str = "results") -> None:
+    """rows -> WORKDIR/<name>.csv and .json (columns in first-seen order)."""
+    columns: list[str] = []
     for r in rows:
         for k in r:
             if k not in columns:
                 columns.append(k)
-    tmp = os.path.join(workdir, f"results.csv.tmp.{os.getpid()}")
+    tmp = os.path.join(workdir, f"{name}.csv.tmp.{os.getpid()}")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    os.replace(tmp, os.path.join(workdir, "results.csv"))
-    write_json_atomic(os.path.join(workdir, "results.json"), rows)
-    return rows
+    os.replace(tmp, os.path.join(workdir, f"{name}.csv"))
+    rundir.write_json_atomic(os.path.join(workdir, f"{name}.json"), rows)
 
 
 # ----------------------------------------------------------------------------- running
@@ -243,12 +249,10 @@ def preflight(config: Any) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from scaling import parallel, profile
-    from scaling.data import build_source
-    from scaling.train.loop import make_run
+    from scaling import profile
+    from scaling.train import prepare
 
-    source = build_source(config.data, config.data.train_split)
-    run = make_run(config, parallel.make_mesh(), source.num_classes, len(source))
+    run = prepare(config)
     size = config.data.image_size
     x1 = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     variables = {"params": run.state_spec.params}
@@ -261,33 +265,42 @@ def preflight(config: Any) -> dict:
             "gmacs": macs / 1e9, "peak_memory_mb": mem.get("peak_bytes", 0) / 1e6}
 
 
-def _hparams_only(config: Any, values: dict, metrics: dict, logdir: str) -> None:
-    """An HParams record for a trial that did not train (infeasible / failed / diverged)."""
+def _hparams_only(trial: Trial, metrics: dict, logdir: str) -> None:
+    """An HParams record for a trial that did not finish training (pruned, infeasible, ...)."""
     from scaling.metrics import MetricWriter
     w = MetricWriter(logdir)
-    w.hparams({**values, "status": metrics.get("status", "")},
-              {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "status"})
+    hp = trial.hparams if trial.hparams is not None else trial.values
+    w.hparams({**hp, "status": metrics.get("status", "")},
+              {k: metrics[k] for k in ("val_top1", "val_top5", "val_loss")
+               if isinstance(metrics.get(k), (int, float))})
     w.close()
 
 
-def run_trial(trial: Trial, workdir: str, grid_cfg: Any,
-              train_fn: Callable[[Any, str], dict],
-              preflight_fn: Callable[[Any], dict] = preflight) -> dict:
-    """Preflight, then train; records done / diverged / failed / infeasible in result.json."""
+def _preflight(trial: Trial, workdir: str, preflight_fn: Callable[[Any], dict]) -> dict:
+    path = os.path.join(workdir, "preflight", f"{trial.point}.json")
+    pre = rundir.read_json(path)
+    if pre is None:
+        pre = preflight_fn(trial.config)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        rundir.write_json_atomic(path, pre)
+    return pre
+
+
+def run_trial(trial: Trial, workdir: str, grid_cfg: Any, train_fn: Callable[..., dict],
+              preflight_fn: Callable[[Any], dict] = preflight, *, rung: int = 0,
+              until_step: int | None = None) -> dict:
+    """Preflight, then train (to `until_step`, or to the end); records the trial's state at
+    this rung in rung<k>.json and, when it ended, result.json: done / diverged / failed /
+    infeasible. Returns that state."""
     from scaling.train import Diverged
 
     tdir = os.path.join(workdir, "trials", trial.id)
     with open(os.path.join(tdir, "config.txt"), "w") as f:
         f.write(str(trial.config))
-    pre_path = os.path.join(tdir, "preflight.json")
     try:
-        if os.path.exists(pre_path):
-            pre = json.load(open(pre_path))
-        else:
-            pre = preflight_fn(trial.config)
-            write_json_atomic(pre_path, pre)
+        pre = _preflight(trial, workdir, preflight_fn)
     except Exception as e:  # noqa: BLE001 - a bad trial must not stop the grid
-        return _final(tdir, trial, {"status": "failed", "reason": f"preflight: {_reason(e)}"})
+        return _final(tdir, trial, {"status": "failed", "reason": f"preflight: {_reason(e)}"}, rung)
     over = []
     if grid_cfg.max_gmacs and pre["gmacs"] > grid_cfg.max_gmacs:
         over.append(f"gmacs {pre['gmacs']:.4f} > grid.max_gmacs {grid_cfg.max_gmacs}")
@@ -295,23 +308,23 @@ def run_trial(trial: Trial, workdir: str, grid_cfg: Any,
         over.append(f"peak_memory_mb {pre['peak_memory_mb']:.1f} > grid.max_memory_mb "
                     f"{grid_cfg.max_memory_mb}")
     if over:
-        return _final(tdir, trial, {"status": "infeasible", "reason": "; ".join(over), **pre})
+        return _final(tdir, trial, {"status": "infeasible", "reason": "; ".join(over), **pre}, rung)
     try:
-        result = train_fn(trial.config, tdir)
+        result = train_fn(trial.config, tdir, until_step=until_step, hparams=trial.hparams)
     except Diverged as e:
-        return _final(tdir, trial, {"status": "diverged", "reason": str(e), **pre})
+        return _final(tdir, trial, {"status": "diverged", "reason": str(e), "step": e.step, **pre}, rung)
     except Exception as e:  # noqa: BLE001 - OOM, bad shapes, ...: record and go on
         log.error("trial %s failed:\n%s", trial.id, traceback.format_exc())
-        return _final(tdir, trial, {"status": "failed", "reason": _reason(e), **pre})
+        return _final(tdir, trial, {"status": "failed", "reason": _reason(e), **pre}, rung)
     if result.get("status") == "preempted":
         return result
-    result = {**pre, **result}
-    timing_path = os.path.join(tdir, "timing.json")
-    if os.path.exists(timing_path):
-        timing = json.load(open(timing_path))
-        result["step_time_s"] = timing.get("step_time_s")
-        result["train_time_s"] = timing.get("train_time_s")
-    write_json_atomic(os.path.join(tdir, "result.json"), result)
+    result = {**pre, **result, "rung": rung}
+    timing = rundir.read_timing(tdir)
+    result["step_time_s"] = timing.get("step_time_s")
+    result["train_time_s"] = timing.get("train_time_s")
+    if result.get("status") == "done":
+        rundir.write_result(tdir, result)
+    rundir.write_json_atomic(rung_path(tdir, rung), result)
     return result
 
 
@@ -320,58 +333,143 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
-def _final(tdir: str, trial: Trial, result: dict) -> dict:
-    write_json_atomic(os.path.join(tdir, "result.json"), result)
-    _hparams_only(trial.config, trial.values, result, tdir)
+def _final(tdir: str, trial: Trial, result: dict, rung: int = 0) -> dict:
+    os.makedirs(tdir, exist_ok=True)
+    result = {**result, "rung": rung}
+    rundir.write_result(tdir, result)
+    rundir.write_json_atomic(rung_path(tdir, rung), result)
+    _hparams_only(trial, result, tdir)
     return result
 
 
-def run_grid(trials: list[Trial], workdir: str, grid_cfg: Any,
-             train_fn: Callable[[Any, str], dict] | None = None,
-             preflight_fn: Callable[[Any], dict] = preflight) -> list[dict]:
-    """Runs this worker's share of `trials` (then helps with the rest); returns all rows."""
+def _rung_result(workdir: str, trial: Trial, k: int) -> dict | None:
+    """The trial's state at the end of rung k, if it got there (or ended before it)."""
+    tdir = os.path.join(workdir, "trials", trial.id)
+    res = rundir.read_json(rung_path(tdir, k))
+    if res and res.get("status") in RUNG_FINAL:
+        return res
+    final = rundir.read_result(tdir)
+    return final if final and final.get("status") in FINAL else None
+
+
+def _run_rung(units: list[Trial], workdir: str, grid_cfg: Any, k: int, steps: dict[str, list[int]],
+              train_fn, preflight_fn, owner: str, single_process: bool) -> bool:
+    """Runs every unit to the end of rung k (claims, then waits for other workers' units);
+    returns False when a SIGTERM stopped it."""
+    while True:
+        waiting = False
+        for trial in units:
+            if _rung_result(workdir, trial, k):
+                continue
+            tdir = os.path.join(workdir, "trials", trial.id)
+            claim = None
+            if single_process:  # multi-host jobs run every trial together, in order
+                claim = try_claim(tdir, owner, stale_after_s=grid_cfg.stale_after_s,
+                                  heartbeat_s=grid_cfg.heartbeat_s)
+                if claim is None:
+                    waiting = True
+                    continue
+                if _rung_result(workdir, trial, k):  # finished between our check and our claim
+                    claim.release()
+                    continue
+            last = k == len(steps[trial.id]) - 1
+            log.info("trial %s rung %d (%s)", trial.id, k, owner)
+            try:
+                res = run_trial(trial, workdir, grid_cfg, train_fn, preflight_fn, rung=k,
+                                until_step=None if last else steps[trial.id][k])
+                log.info("trial %s rung %d: %s val_top1=%s", trial.id, k, res.get("status"),
+                         res.get("val_top1"))
+                if res.get("status") == "preempted":
+                    return False
+            finally:
+                if claim:
+                    claim.release()
+        if not waiting:
+            return True
+        time.sleep(grid_cfg.poll_s)
+
+
+def promote(units: list[Trial], results: dict[str, dict], metric: str, mode: str, eta: int
+            ) -> tuple[list[str], list[dict]]:
+    """Ranks the points of a rung by the mean of `metric` over their seeds (points whose
+    trials did not all reach the rung healthy rank last) and keeps the top ceil(n / eta).
+    Returns (the promoted point ids, the rung table rows)."""
+    by_point: dict[str, list[dict]] = {}
+    for t in units:
+        by_point.setdefault(t.point, []).append(results[t.id])
+    sign = 1.0 if mode == "max" else -1.0
+    table = []
+    for pid, res in by_point.items():
+        ok = all(r.get("status") in ("paused", "done", "pruned") and r.get(metric) is not None
+                 for r in res)
+        mean = sum(float(r[metric]) for r in res) / len(res) if ok else None
+        table.append({"point": pid, "seeds": len(res), "step": res[0].get("step"), metric: mean,
+                      "status": "ok" if ok else "/".join(sorted({str(r.get('status')) for r in res}))})
+    order = sorted(range(len(table)), key=lambda i: (table[i][metric] is None,
+                                                   -sign * (table[i][metric] or 0.0), i))
+    keep = max(1, math.ceil(len(table) / eta))
+    promoted = [table[i]["point"] for i in order[:keep] if table[i][metric] is not None]
+    for rank, i in enumerate(order):
+        table[i]["rank"] = rank + 1
+        table[i]["promoted"] = table[i]["point"] in promoted
+    return promoted, [table[i] for i in order]
+
+
+def run_study(trials: list[Trial], workdir: str, grid_cfg: Any, *,
+              rungs: dict[str, list[int]] | None = None, eta: int = 3, metric: str = "val_top1",
+              mode: str = "max", train_fn: Callable[..., dict] | None = None,
+              preflight_fn: Callable[[Any], dict] = preflight) -> list[dict]:
+    """Runs the trials (this worker's share first, then whatever is left), rung by rung when
+    `rungs` (trial id -> rising step budgets, the last the full one) has more than one; writes
+    results.csv/json and rungs.json and returns the rows (process 0; others get [])."""
     import jax
 
-    from scaling.train import fit
-
-    train_fn = train_fn or (lambda cfg, d: fit(cfg, d))
+    if train_fn is None:
+        from scaling.train import fit as train_fn
     ids = [t.id for t in trials]
     dupes = {i for i in ids if ids.count(i) > 1}
     if dupes:
         raise ValueError(f"grid: two trials share the id(s) {sorted(dupes)}; make the axes distinct.")
     worker, num_workers = worker_identity(grid_cfg)
     owner = f"worker{worker}of{num_workers}"
-    mine = trials[worker::num_workers]
-    others = [t for t in trials if t not in mine]
     os.makedirs(os.path.join(workdir, "trials"), exist_ok=True)
+    for t in trials:
+        if t.excluded and not rundir.read_result(os.path.join(workdir, "trials", t.id)):
+            _final(os.path.join(workdir, "trials", t.id), t, {"status": "excluded", "reason": t.excluded})
+    active = [t for t in trials if not t.excluded]
+    mine = active[worker::num_workers]
+    active = mine + [t for t in active if t not in mine]
+    steps = rungs or {}
+    steps = {t.id: steps.get(t.id) or [0] for t in trials}
+    n_rungs = max((len(steps[t.id]) for t in active), default=1)
     single_process = jax.process_count() == 1
-    for trial in mine + others:
-        tdir = os.path.join(workdir, "trials", trial.id)
-        res = read_result(tdir)
-        if res and res.get("status") in FINAL:
-            continue
-        claim = None
-        if single_process:  # multi-host jobs run every trial together, in order
-            claim = try_claim(tdir, owner, stale_after_s=grid_cfg.stale_after_s,
-                              heartbeat_s=grid_cfg.heartbeat_s)
-            if claim is None:
-                continue
-            res = read_result(tdir)  # finished by someone between our check and our claim
-            if res and res.get("status") in FINAL:
-                claim.release()
-                continue
-        log.info("trial %s (%s)", trial.id, owner)
-        try:
-            res = run_trial(trial, workdir, grid_cfg, train_fn, preflight_fn)
-            log.info("trial %s: %s val_top1=%s", trial.id, res.get("status"), res.get("val_top1"))
-            if res.get("status") == "preempted":
-                break
-        finally:
-            if claim:
-                claim.release()
-    if jax.process_index() == 0:
-        return collect_results(workdir, trials)
-    return []
+    table: list[dict] = []
+    for k in range(n_rungs):
+        units = [t for t in active if k < len(steps[t.id])]
+        if not _run_rung(units, workdir, grid_cfg, k, steps, train_fn, preflight_fn, owner,
+                         single_process):
+            break
+        if k == n_rungs - 1:
+            results = {t.id: _rung_result(workdir, t, k) for t in units}
+            table += [{"rung": k, **row} for row in promote(units, results, metric, mode, 1)[1]]
+            break
+        results = {t.id: _rung_result(workdir, t, k) for t in units}
+        promoted, rows = promote(units, results, metric, mode, eta)
+        table += [{"rung": k, **row} for row in rows]
+        for t in units:
+            res = results[t.id]
+            if t.point not in promoted and res.get("status") == "paused":
+                tdir = os.path.join(workdir, "trials", t.id)
+                if not rundir.read_result(tdir):
+                    _final(tdir, t, {**res, "status": "pruned",
+                                     "reason": f"not in the top 1/{eta} at rung {k}"}, k)
+        active = [t for t in units if t.point in promoted]
+    if jax.process_index() != 0:
+        return []
+    rows = collect_rows(workdir, trials)
+    write_results(workdir, rows)
+    rundir.write_json_atomic(os.path.join(workdir, "rungs.json"), table)
+    return rows
 
 
 def default_grid_config() -> ml_collections.ConfigDict:
@@ -382,6 +480,7 @@ def default_grid_config() -> ml_collections.ConfigDict:
         max_memory_mb=0.0,      # eq. 9 budget: peak train-step memory per device (0 = none)
         stale_after_s=300.0,    # a claim not refreshed for this long belongs to a dead worker
         heartbeat_s=20.0,
+        poll_s=5.0,             # how often a worker waiting for others' trials looks again
     ))
 
 
@@ -396,13 +495,4 @@ def validate_trials(grid_cfg: Any, trials: list[Trial], num_devices: int | None 
         try:
             validate_config(t.config, num_devices)
         except ValueError as e:
-            raise ValueError(f"{label.format(id=t.id)}: {e}") from None
-
-
-def trial_config(base: Any, values: dict[str, Any], targets: dict[str, str]) -> Any:
-    """A copy of `base` with each swept value written to its config path."""
-    cfg = copy.deepcopy(base)
-    for axis, value in values.items():
-        if axis in targets:
-            set_path(cfg, targets[axis], value)
-    return cfg
+            raise ValueError(f"{label.format(id=t.point)}: {e}") from None

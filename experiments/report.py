@@ -17,17 +17,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points not dominated (lower cost x, higher accuracy y), by rising x."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -np.inf
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
 def _save(fig, ax, path: str) -> str:
     """Grid, legend and layout shared by the line plots; writes the PNG and frees the figure."""
     ax.grid(alpha=0.3)
@@ -41,30 +30,6 @@ def _save(fig, ax, path: str) -> str:
 def _done(rows: list[dict], x: str, y: str) -> list[dict]:
     return [r for r in rows if r.get("status") == "done" and r.get(x) not in (None, "")
             and r.get(y) not in (None, "")]
-
-
-def plot_accuracy_vs_cost(rows: list[dict], path: str, *, x: str = "gmacs", y: str = "val_top1",
-                          label: str = "trial", group: str | None = None, title: str = "") -> str | None:
-    rows = _done(rows, x, y)
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 5))
-    groups = sorted({str(r.get(group)) for r in rows}) if group else [None]
-    for g in groups:
-        sel = [r for r in rows if group is None or str(r.get(group)) == g]
-        ax.scatter([float(r[x]) for r in sel], [float(r[y]) for r in sel], label=g, alpha=0.8)
-        if group:
-            sel = sorted(sel, key=lambda r: float(r[x]))
-            ax.plot([float(r[x]) for r in sel], [float(r[y]) for r in sel], alpha=0.5)
-    for r in rows:
-        ax.annotate(str(r.get(label, "")), (float(r[x]), float(r[y])), fontsize=6, alpha=0.7)
-    pts = [(float(r[x]), float(r[y])) for r in rows]
-    front = pareto_front(pts)
-    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
-    ax.set_xlabel("GMACs per image" if x == "gmacs" else x)
-    ax.set_ylabel("validation top-1" if y == "val_top1" else y)
-    ax.set_title(title or f"{y} vs {x}")
-    return _save(fig, ax, path)
 
 
 def plot_heatmap(rows: list[dict], path: str, *, row_axis: str, col_axis: str,
@@ -134,17 +99,388 @@ def format_table(rows: list[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- study analysis
+POINT_COLUMNS = ("width", "depth", "resolution", "cost_factor_theory", "cost_factor",
+                 "depth_realized", "width_realized", "resolution_realized", "params", "gmacs")
+X_LABELS = {"gmacs": "GMACs per image (log scale)", "params": "parameters (log scale)",
+            "train_pflop": "training compute, PFLOP (log scale)"}
+PER_TRIAL = {"trial", "seed", "status", "rung", "step", "reason", "val_top1", "val_top5",
+             "val_loss", "train_loss", "train_top1", "step_time_s", "train_time_s",
+             "peak_memory_mb", "size_mb", "objective", "train_pflop", "epochs", "val_examples",
+             "batch_stats", "model", "num_devices"}
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+def add_objective(rows: list[dict], r: Any) -> None:
+    """The paper's objective ACC * (GMACs / T)^w on every finished row (T: the median GMACs of
+    the finished rows unless report.objective_target_gmacs is set)."""
+    done = [row for row in rows if row.get("status") == "done" and _num(row.get("gmacs"))]
+    if not done:
+        return
+    target = r.objective_target_gmacs or sorted(float(x["gmacs"]) for x in done)[len(done) // 2]
+    for row in done:
+        row["objective"] = float(row[r.metric]) * (float(row["gmacs"]) / target) ** r.objective_w
+
+
+def summarize_points(rows: list[dict], axes: Sequence[str], metric: str, extra: Sequence[str] = ()
+                     ) -> list[dict]:
+    """One row per point: its values, trial statuses and the metric over its seeds (mean, std,
+    95 % interval) at the furthest budget all of its healthy seeds reached."""
+    from scaling import stats
+
+    by_point: dict[str, list[dict]] = {}
+    for row in rows:
+        by_point.setdefault(row["point"], []).append(row)
+    out = []
+    for pid, trials in by_point.items():
+        first = trials[0]
+        p = {"point": pid, **{k: first.get(k) for k in axes}}
+        p.update({k: first[k] for k in (*POINT_COLUMNS, *extra) if first.get(k) not in (None, "")})
+        statuses = sorted({str(t.get("status")) for t in trials})
+        p["status"] = statuses[0] if len(statuses) == 1 else "/".join(statuses)
+        p["rung"] = max((int(t["rung"]) for t in trials if _num(t.get("rung")) is not None), default=None)
+        vals = [float(t[metric]) for t in trials
+                if t.get("status") in ("done", "pruned") and _num(t.get(metric)) is not None]
+        p["seeds"] = len(trials)
+        if vals:
+            s = stats.summarize(vals)
+            p.update(mean=s.mean, std=s.std, ci_low=s.ci_low if s.ci_known else None,
+                     ci_high=s.ci_high if s.ci_known else None, n=s.n)
+        p["values"] = vals
+        pflop = [_num(t.get("train_pflop")) for t in trials]
+        if all(v is not None for v in pflop) and pflop:
+            p["train_pflop"] = float(np.mean(pflop))
+        if first.get("reason") and p["status"] in ("excluded", "infeasible", "failed"):
+            p["reason"] = first["reason"]
+        out.append(p)
+    return out
+
+
+def _error(mean: float, metric: str, mode: str) -> float:
+    """What the fits model: error = 1 - accuracy for an accuracy, else the metric itself."""
+    return 1.0 - mean if mode == "max" and metric.startswith(("val_top", "train_top")) else mean
+
+
+def scaling_fits(points: list[dict], rows: list[dict], metric: str, mode: str, xs: Sequence[str],
+                 group: str) -> dict:
+    """Per group and cost axis: the saturating power law error = a (x + d)^-b + c over the
+    finished points' seeds, bootstrap intervals, leave-largest-out error; the frontier."""
+    from scaling import stats
+
+    full = {p["point"] for p in points if p["status"] == "done" and p.get("n")}
+    out: dict[str, Any] = {"fits": {}, "frontier": {}, "best_by_budget": {}}
+    for x in xs:
+        sel = [r for r in rows if r["point"] in full and _num(r.get(x)) and _num(r.get(metric)) is not None
+               and r.get("status") == "done"]
+        if not sel:
+            continue
+        groups = sorted({str(r.get(group, "all")) if group else "all" for r in sel})
+        fits = {}
+        for g in groups:
+            gs = [r for r in sel if not group or str(r.get(group)) == g]
+            xv = [float(r[x]) for r in gs]
+            yv = [_error(float(r[metric]), metric, mode) for r in gs]
+            entry = {"n_points": len({r["point"] for r in gs}), "n_trials": len(gs)}
+            try:
+                boot = stats.bootstrap_power_law(xv, yv, groups=[r["point"] for r in gs], n_boot=200)
+                fit = stats.fit_power_law(xv, yv)
+                entry.update(fit=fit.to_dict(), intervals=boot["intervals"], n_boot_ok=boot["n_ok"],
+                             samples=boot["samples"],
+                             leave_largest_out=stats.leave_largest_out(xv, yv))
+                fits[g] = fit
+            except ValueError as e:
+                entry["skipped"] = str(e)
+            out["fits"].setdefault(x, {})[g] = entry
+        pts = [p for p in points if p["point"] in full and _num(p.get(x))]
+        front = stats.pareto_frontier([(float(p[x]), _error(p["mean"], metric, mode)) for p in pts])
+        out["frontier"][x] = [{"point": pts[i]["point"], "group": pts[i].get(group) if group else "",
+                               x: pts[i][x], metric: pts[i]["mean"]} for i in front]
+        if len(fits) > 1:
+            budgets = sorted({float(p[x]) for p in pts})
+            out["best_by_budget"][x] = [
+                {x: b, "group": g, metric: 1 - e if _error(0.0, metric, mode) == 1.0 else e}
+                for b, g, e in stats.best_by_budget(fits, budgets)]
+    return out
+
+
+def rung_agreement(table: list[dict], metric: str, min_tau: float) -> list[dict]:
+    """Kendall tau between the rankings of consecutive rungs, over the points in both."""
+    from scaling import stats
+
+    out = []
+    rungs = sorted({r["rung"] for r in table})
+    for k0, k1 in zip(rungs, rungs[1:]):
+        a = {r["point"]: r[metric] for r in table if r["rung"] == k0 and r[metric] is not None}
+        b = {r["point"]: r[metric] for r in table if r["rung"] == k1 and r[metric] is not None}
+        both = [p for p in a if p in b]
+        tau = stats.kendall_tau([a[p] for p in both], [b[p] for p in both]) if len(both) >= 2 else None
+        tau = None if tau is None or not np.isfinite(tau) else float(tau)
+        warn = tau is None or tau < min_tau
+        out.append({"from_rung": k0, "to_rung": k1, "points": len(both), "kendall_tau": tau,
+                    "warning": (f"rank agreement tau={tau if tau is None else round(tau, 2)} over "
+                                f"{len(both)} points is below sweep.halving.min_tau={min_tau}: "
+                                "pruning at this rung may have dropped the eventual best; start "
+                                "the rungs later or promote more (smaller eta).") if warn else ""})
+    return out
+
+
+def plot_study(points: list[dict], fits: dict, path: str, *, x: str, metric: str, mode: str,
+               group: str, label: str, title: str) -> str | None:
+    """The metric against a cost: mean and 95 % interval (error bars) per point, one colour per
+    group, the fitted law with its bootstrap band, the frontier."""
+    from scaling import stats
+
+    pts = [p for p in points if p.get("mean") is not None and _num(p.get(x))]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    groups = sorted({str(p.get(group)) for p in pts}) if group else [""]
+    colors = dict(zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+    is_acc = _error(0.0, metric, mode) == 1.0
+    for g in groups:
+        sel = sorted((p for p in pts if not group or str(p.get(group)) == g), key=lambda p: float(p[x]))
+        xs = np.array([float(p[x]) for p in sel])
+        ys = np.array([p["mean"] for p in sel])
+        lo = np.array([p["mean"] - (p["ci_low"] if p.get("ci_low") is not None else p["mean"]) for p in sel])
+        hi = np.array([(p["ci_high"] if p.get("ci_high") is not None else p["mean"]) - p["mean"] for p in sel])
+        done = np.array([p["status"] == "done" for p in sel])
+        c = colors[g]
+        ax.errorbar(xs[done], ys[done], yerr=[lo[done], hi[done]], fmt="o", color=c, capsize=3,
+                    label=g or "points")
+        if (~done).any():
+            ax.errorbar(xs[~done], ys[~done], yerr=[lo[~done], hi[~done]], fmt="x", color=c,
+                        alpha=0.5, capsize=2, label=f"{g + ' ' if g else ''}pruned (earlier budget)")
+        entry = fits.get("fits", {}).get(x, {}).get(g or "all")
+        if entry and entry.get("fit"):
+            grid_x = np.geomspace(xs.min() / 1.5, xs.max() * 2.0, 100)
+            f = entry["fit"]
+            curve = stats.PowerLawFit(**f).predict(grid_x)
+            band = stats.prediction_band(entry["samples"], grid_x, 0.95) if entry.get("samples") else None
+            to_m = (lambda e: 1 - e) if is_acc else (lambda e: e)  # noqa: E731
+            ax.plot(grid_x, to_m(curve), color=c, lw=1.2, alpha=0.8,
+                    label=f"{g + ': ' if g else ''}fit {'1 - ' if is_acc else ''}"
+                          f"({f['a']:.3g}(x+{f['d']:.2g})^-{f['b']:.2f} + {f['c']:.3f})")
+            if band is not None:
+                ax.fill_between(grid_x, to_m(band[0]), to_m(band[1]), color=c, alpha=0.12)
+        for p in sel:
+            ax.annotate(str(p.get(label, p["point"])), (float(p[x]), p["mean"]), fontsize=6,
+                        alpha=0.7, xytext=(3, 3), textcoords="offset points")
+    front = fits.get("frontier", {}).get(x)
+    if front:
+        ax.plot([f[x] for f in front], [f[metric] for f in front], "k--", lw=0.8,
+                label="frontier (best at each cost)")
+    ax.set_xscale("log")
+    ax.set_xlabel(X_LABELS.get(x, x))
+    ax.set_ylabel({"val_top1": "validation top-1 (fraction)", "val_top5": "validation top-5 "
+                   "(fraction)", "val_loss": "validation loss"}.get(metric, metric))
+    ax.set_title(title)
+    return _save(fig, ax, path)
+
+
+def plot_rungs(table: list[dict], path: str, metric: str) -> str | None:
+    """Each point's mean metric at each halving rung it reached."""
+    if len({r["rung"] for r in table}) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for pid in dict.fromkeys(r["point"] for r in table):
+        sel = sorted((r for r in table if r["point"] == pid and r[metric] is not None),
+                     key=lambda r: r["rung"])
+        if sel:
+            ax.plot([r["step"] for r in sel], [r[metric] for r in sel], marker="o", lw=1,
+                    label=pid if len(sel) > 1 else None, alpha=0.8)
+    ax.set_xlabel("training step at the end of the rung")
+    ax.set_ylabel(f"{metric}, mean over seeds")
+    ax.set_title("successive halving: points by rung (promoted points continue)")
+    return _save(fig, ax, path)
+
+
+def md_table(rows: list[dict], columns: Sequence[str]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v).replace("|", "/")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _interval(p: dict) -> str:
+    if p.get("mean") is None:
+        return ""
+    if p.get("ci_low") is None:
+        return f"{p['mean']:.4f} (1 seed)"
+    return f"{p['mean']:.4f} ± {p['std']:.4f} [{p['ci_low']:.4f}, {p['ci_high']:.4f}]"
+
+
+def write_study(config: Any, workdir: str, rows: list[dict]) -> dict:
+    """The study's analysis from its rows: points.csv, study.json, study.md and the plots."""
+    from experiments import grid
+    from scaling import rundir, stats
+
+    s, r = config.sweep, config.sweep.report
+    metric, mode = r.metric, r.mode
+    axes = list(s.axes.keys())
+    points = summarize_points(rows, axes, metric, r.columns)
+    rank_key, sign = "mean", 1 if mode == "max" else -1
+    if r.select == "objective":
+        add_objective(rows, r)
+        grid.write_results(workdir, rows)  # the objective column goes into results.csv
+        for p, o in zip(points, summarize_points(rows, axes, "objective")):
+            p["objective"], p["objective_values"] = o.get("mean"), o["values"]
+        rank_key, sign = "objective", 1
+    ranked = sorted((p for p in points if p["status"] == "done" and p.get(rank_key) is not None),
+                    key=lambda p: -sign * p[rank_key])
+    table = rundir.read_json(os.path.join(workdir, "rungs.json")) or []
+    agreement = rung_agreement(table, metric, float(s.halving.min_tau)) if table else []
+    fits = scaling_fits(points, rows, metric, mode, [x for x in r.x if any(_num(p.get(x)) for p in points)],
+                        r.group)
+    study = {"metric": metric, "mode": mode, "select": r.select, "seeds": int(s.seeds),
+             "points": points, "rungs": table, "rank_agreement": agreement,
+             "fits": {x: {g: {k: v for k, v in e.items() if k != "samples"} for g, e in fs.items()}
+                      for x, fs in fits["fits"].items()},
+             "frontier": fits["frontier"], "best_by_budget": fits["best_by_budget"]}
+    if ranked:
+        best = ranked[0]
+        study["best"] = {"point": best["point"], "mean": best["mean"], "std": best.get("std"),
+                         "ci_low": best.get("ci_low"), "ci_high": best.get("ci_high"),
+                         "n": best.get("n"), "select": r.select, "objective": best.get("objective"),
+                         "values": {k: best.get(k) for k in axes + list(POINT_COLUMNS) if k in best}}
+        if len(ranked) > 1:
+            key = "objective_values" if r.select == "objective" else "values"
+            cmp = stats.compare(best[key], ranked[1][key],
+                                higher_is_better=sign == 1)
+            study["best"]["runner_up"] = ranked[1]["point"]
+            study["best"]["comparison"] = cmp.to_dict()
+            study["best"]["sentence"] = cmp.sentence(best["point"], ranked[1]["point"],
+                                                     "objective" if r.select == "objective" else metric)
+    title = r.title or f"{config.get('experiment', 'sweep')}: {config.model.name}"
+    plots = []
+    for x in fits["fits"] or ([r.x[0]] if r.x else []):
+        plots.append(plot_study(points, fits, os.path.join(workdir, f"{metric}_vs_{x}.png"), x=x,
+                                metric=metric, mode=mode, group=r.group, label=r.label, title=title))
+    first = {}
+    for row in rows:
+        first.setdefault(row["point"], os.path.join(workdir, "trials", row["trial"]))
+    for curve in r.curves:
+        plots.append(learning_curves(first, os.path.join(workdir, f"curves_{curve.replace('/', '_')}.png"),
+                                     metric=curve, title=f"{title}: {curve} (first seed)"))
+    if table:
+        plots.append(plot_rungs(table, os.path.join(workdir, "rungs.png"), r.metric))
+    if len(r.heatmap) == 2:
+        plots.append(plot_heatmap([{**p, metric: p.get("mean")} for p in ranked],
+                                  os.path.join(workdir, f"heatmap_{r.heatmap[0]}_{r.heatmap[1]}.png"),
+                                  row_axis=r.heatmap[0], col_axis=r.heatmap[1], value=metric))
+    study["plots"] = [os.path.basename(p) for p in plots if p]
+    grid.write_results(workdir, [{k: v for k, v in p.items() if not k.endswith("values")}
+                                 for p in points], "points")
+    rundir.write_json_atomic(os.path.join(workdir, "study.json"), study)
+    with open(os.path.join(workdir, "study.md"), "w") as f:
+        f.write(study_markdown(config, study, title))
+    print(format_table(ranked + [p for p in points if p not in ranked],
+                       ["point", *axes, "status", "seeds", "mean", "std", "gmacs", "params"]))
+    return study
+
+
+def study_markdown(config: Any, study: dict, title: str) -> str:
+    s = config.sweep
+    metric, axes = study["metric"], list(s.axes.keys())
+    points = study["points"]
+    lines = [f"# {title}", ""]
+    lines.append(f"{len(points)} points, {study['seeds']} seed(s) each; metric `{metric}` "
+                 f"({'higher' if study['mode'] == 'max' else 'lower'} is better); intervals are "
+                 "95 % Student-t intervals of the mean over seeds.")
+    if s.halving.rungs:
+        lines.append(f"Successive halving: rungs at {tuple(s.halving.rungs)} {s.halving.unit} "
+                     f"then the full budget; the top 1/{s.halving.eta} of the points go on.")
+    lines += ["", "## Conclusion", ""]
+    best = study.get("best")
+    if best:
+        by = f" (chosen by the objective, {best['objective']:.4f})" if best["select"] == "objective" else ""
+        lines.append(f"Best: **{best['point']}**{by}, {metric} {_interval(best)}.")
+        if best.get("sentence"):
+            lines += ["", best["sentence"]]
+    else:
+        lines.append("No point finished; nothing to conclude yet.")
+    for x, rows in study["best_by_budget"].items():
+        winners = [row["group"] for row in rows]
+        lines += ["", f"Compute-optimal by the fits against {x}: " + ", ".join(
+            f"{row['group']} at {row[x]:.4g}" for row in rows) +
+            (f" (one strategy, {winners[0]}, wins at every budget)." if len(set(winners)) == 1 else ".")]
+    lines += ["", "## Points", ""]
+    shown = sorted(points, key=lambda p: (p.get("mean") is None, -(p.get("mean") or 0)
+                                          * (1 if study["mode"] == "max" else -1)))
+    cols = ["point", *[a for a in axes if a != "seed"],
+            *[c for c in POINT_COLUMNS if any(p.get(c) is not None for p in points) and c not in axes],
+            "status", "rung", "seeds"]
+    lines.append(md_table([{**p, metric: _interval(p)} for p in shown], cols + [metric]))
+    excluded = [p for p in points if p.get("reason")]
+    if excluded:
+        lines += ["", "Left out:", ""] + [f"- {p['point']} ({p['status']}): {p['reason']}" for p in excluded]
+    if any(p.get("cost_factor_theory") for p in points):
+        lines += ["", "## Realized against theoretical cost", "",
+                  "The theoretical factor is (alpha * beta^2 * gamma^2)^phi; the realized one is the "
+                  "point's GMACs after channel, repeat and resolution rounding over the base's.", ""]
+        lines.append(md_table(points, ["point", *[a for a in axes if a in ("scaling", "phi")],
+                                       "cost_factor_theory", "cost_factor", "depth_realized",
+                                       "width_realized", "resolution_realized"]))
+    if study["rungs"]:
+        lines += ["", "## Rungs", ""]
+        lines.append(md_table(study["rungs"], ["rung", "step", "point", "seeds", s.report.metric,
+                                               "rank", "promoted", "status"]))
+        for a in study["rank_agreement"]:
+            tau = "n/a" if a["kendall_tau"] is None else f"{a['kendall_tau']:.2f}"
+            lines += ["", f"Rank agreement rung {a['from_rung']} -> {a['to_rung']}: Kendall tau "
+                          f"{tau} over {a['points']} points." + (f" **Warning:** {a['warning']}"
+                                                                if a["warning"] else "")]
+    if study["fits"]:
+        lines += ["", "## Scaling laws", "",
+                  "error = a * (x + d)^(-b) + c, fitted to every finished seed (error = 1 - "
+                  f"{metric} for accuracies); 95 % bootstrap intervals (seeds resampled within "
+                  "each point); the leave-largest-out error is |predicted - observed| at the "
+                  "largest x when it is left out of the fit.", ""]
+        rows = []
+        for x, fs in study["fits"].items():
+            for g, e in fs.items():
+                f, ci = e.get("fit"), e.get("intervals") or {}
+                row = {"x": x, "group": g, "points": e["n_points"]}
+                if f:
+                    for k in ("a", "b", "c"):
+                        iv = ci.get(k)
+                        row[k] = f"{f[k]:.3g}" + (f" [{iv[0]:.3g}, {iv[1]:.3g}]" if iv else "")
+                    lo = e.get("leave_largest_out") or {}
+                    row["leave-largest-out error"] = lo.get("abs_error")
+                else:
+                    row["a"] = e.get("skipped", "")
+                rows.append(row)
+        lines.append(md_table(rows, ["x", "group", "points", "a", "b", "c", "leave-largest-out error"]))
+        for x, front in study["frontier"].items():
+            lines += ["", f"Frontier against {x} (no cheaper point does better): " +
+                      ", ".join(f"{f['point']}" + (f" ({f['group']})" if f.get("group") else "")
+                                for f in front)]
+    if study["plots"]:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in study["plots"]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Re-analyses a finished (or partly finished) sweep workdir: study.md, study.json, plots."""
+    from experiments import sweep
+
+    p = argparse.ArgumentParser(description="Analyse a sweep workdir: writes study.md, study.json "
+                                "and the plots.\n\n    python -m experiments.report WORKDIR")
     p.add_argument("workdir")
-    p.add_argument("--x", default="gmacs")
-    p.add_argument("--heatmap", default="", help="two axis names, e.g. l,k")
     a = p.parse_args(argv)
+    config = sweep.load_study_config(a.workdir)
     rows = json.load(open(os.path.join(a.workdir, "results.json")))
-    print(plot_accuracy_vs_cost(rows, os.path.join(a.workdir, "accuracy_vs_gmacs.png"), x=a.x))
-    if a.heatmap:
-        r, c = a.heatmap.split(",")
-        print(plot_heatmap(rows, os.path.join(a.workdir, f"heatmap_{r}_{c}.png"), row_axis=r, col_axis=c))
+    write_study(config, a.workdir, rows)
+    print(os.path.join(a.workdir, "study.md"))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ WORKDIR/pretrain/pretrained.safetensors, through scaling.weights (so the target 
 it exactly as they would a torchvision or timm checkpoint). Without it, `init.path` names
 the pretrained weights.
 
-Stage 2: one grid trial per `transfer.modes` entry (WORKDIR/trials/<mode>): `init.mode` set,
-`init.path` cleared for scratch, learning rate `transfer.lr.<mode>` (0 keeps train.lr); the
-head / backbone multipliers of `init` apply to the finetune modes only (scratch and
-linear_probe have one group). Every trial has the same data, steps and evaluation schedule.
-Writes transfer.txt (the table), results.csv/json, curves_eval_top1.png and
-curves_train_loss.png. Everything resumes.
+Stage 2: a sweep (experiments/sweep.py) over `transfer.modes` x `sweep.seeds`:
+`sweep.derive="transfer_mode"` sets `init.mode`, clears `init.path` for scratch, takes the
+learning rate `transfer.lr.<mode>` (0 keeps train.lr); the head / backbone multipliers of
+`init` apply to the finetune modes only (scratch and linear_probe have one group). Every
+trial has the same data, steps and evaluation schedule. Writes study.md (the modes with
+their seeds' intervals and whether the best is resolved), transfer.txt, results.csv/json and
+learning curves. Everything resumes. This stays a module of its own only for stage 1.
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ import logging
 import os
 from typing import Any
 
-from experiments import grid, report
+import ml_collections
+
+from experiments import grid, report, sweep
+from scaling import rundir
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("trial", "mode", "status", "val_top1", "val_loss", "train_top1", "lr",
+COLUMNS = ("trial", "mode", "seed", "status", "val_top1", "val_loss", "train_top1", "lr",
            "step", "train_time_s", "step_time_s")
 EXPORT_NAME = "pretrained.safetensors"
 
@@ -43,23 +47,20 @@ def pretrain_config(config: Any) -> Any:
     return cfg
 
 
-def build_trials(config: Any, init_path: str) -> list[grid.Trial]:
+def sweep_config(config: Any, init_path: str) -> Any:
+    """The stage-2 sweep: one point per mode, `sweep.seeds` seeds each."""
     from scaling.train.finetune import MODES
 
     modes = tuple(config.transfer.modes)
     if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
         raise ValueError(f"transfer.modes={modes!r}: distinct entries of {', '.join(MODES)}.")
-    trials = []
-    for mode in modes:
-        cfg = copy.deepcopy(config)
-        cfg.init.update(mode=mode, path="" if mode == "scratch" else init_path)
-        if mode in ("scratch", "linear_probe"):  # one group: its lr is transfer.lr.<mode>
-            cfg.init.update(head_lr_mult=1.0, backbone_lr_mult=1.0)
-        lr = float(config.transfer.lr.get(mode, 0.0) or 0.0)
-        if lr > 0:
-            cfg.train.lr = lr
-        trials.append(grid.Trial(mode, {"mode": mode, "lr": cfg.train.lr}, cfg))
-    return trials
+    cfg = copy.deepcopy(config)
+    cfg.init.path = init_path
+    cfg.sweep.update(derive="transfer_mode", combine="product", constraint="", cost_tolerance=0.0)
+    cfg.sweep.axes = ml_collections.ConfigDict(dict(mode=modes))
+    cfg.sweep.report.update(label="mode", x=(), curves=("eval/top1", "train/loss"), heatmap=(),
+                            columns=("lr",), title=f"transfer: {config.model.name}")
+    return cfg
 
 
 def export_path(workdir: str) -> str:
@@ -76,7 +77,8 @@ def validate(config: Any, num_devices: int | None = None) -> None:
                          "(--config.init.path=/path/to/weights.safetensors), or enable "
                          "transfer.pretrain to train them here first.")
     # With stage 1 the weights do not exist yet: check everything else of the trials now.
-    trials = build_trials(config, "" if pretrain else config.init.path)
+    cfg = sweep_config(config, "" if pretrain else config.init.path)
+    trials = sweep.trials_of(cfg, sweep.build_points(cfg))
     if pretrain:
         for t in trials:
             t.config.init.update(mode="scratch", path="")
@@ -92,7 +94,7 @@ def run_pretraining(config: Any, workdir: str) -> tuple[str, dict]:
 
     cfg = pretrain_config(config)
     pdir = os.path.join(workdir, "pretrain")
-    result = grid.read_result(pdir)
+    result = rundir.read_result(pdir)
     if not result or result.get("status") != "done":
         result = fit(cfg, pdir)
     path = export_path(workdir)
@@ -111,24 +113,10 @@ def run_pretraining(config: Any, workdir: str) -> tuple[str, dict]:
 
 def final_variables(config: Any, run_dir: str) -> tuple[Any, dict]:
     """(model, {'params', 'batch_stats'}) of the newest checkpoint of a `fit` run."""
-    from scaling import parallel
-    from scaling.checkpoint import Checkpointer
-    from scaling.data import build_source
-    from scaling.train.loop import make_run
+    from scaling.train import prepare, restore
 
-    source = build_source(config.data, config.data.train_split)
-    run = make_run(config, parallel.make_mesh(), source.num_classes, len(source))
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
-    try:
-        state, step = checkpointer.restore(run.state_spec)
-    finally:
-        checkpointer.close()
-    if step is None:
-        raise FileNotFoundError(f"transfer: no checkpoint in {run_dir}/checkpoints to export.")
-    variables = {"params": parallel.fetch(state.params)}
-    if state.batch_stats:
-        variables["batch_stats"] = parallel.fetch(state.batch_stats)
-    return run.model, variables
+    run = prepare(config)
+    return run.model, restore(config, run_dir, run=run)
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -136,11 +124,10 @@ def run(config: Any, workdir: str) -> dict:
     init_path = config.init.path
     if config.transfer.pretrain.enabled:
         init_path, pretrained = run_pretraining(config, workdir)
-    trials = build_trials(config, init_path)
-    rows = grid.run_grid(trials, workdir, config.grid)
-    if not rows:
+    out = sweep.run(sweep_config(config, init_path), workdir)
+    rows = rundir.read_json(os.path.join(workdir, "results.json"))
+    if not out or rows is None:
         return {}
-    table = report.format_table(rows, COLUMNS)
     header = [f"target: {config.model.name} on {config.data.source}:{config.data.name} classes "
               f"{tuple(config.data.classes) or 'all'}, {config.data.examples_per_class or 'all'} "
               f"examples per class, {config.train.num_epochs:g} epochs; weights: {init_path}"]
@@ -148,15 +135,10 @@ def run(config: Any, workdir: str) -> dict:
         header.append(f"source: {tuple(config.transfer.pretrain.classes)}, val top-1 "
                       f"{pretrained.get('val_top1', float('nan')):.4f} after "
                       f"{config.transfer.pretrain.num_epochs:g} epochs")
-    text = "\n".join(header + ["", table])
+    text = "\n".join(header + ["", report.format_table(rows, COLUMNS)])
     with open(os.path.join(workdir, "transfer.txt"), "w") as f:
         f.write(text + "\n")
     print(text)
-    dirs = {t.id: os.path.join(workdir, "trials", t.id) for t in trials}
-    plots = [report.learning_curves(dirs, os.path.join(workdir, f"curves_{metric.replace('/', '_')}.png"),
-                                    metric=metric, title=f"transfer: {title}")
-             for metric, title in (("eval/top1", "validation top-1"), ("train/loss", "training loss"))]
     done = {r["trial"]: r.get("val_top1") for r in rows if r.get("status") == "done"}
-    return {"trials": len(rows), "val_top1": done, "table": os.path.join(workdir, "transfer.txt"),
-            "pretrain_val_top1": pretrained and pretrained.get("val_top1"),
-            "plots": [p for p in plots if p]}
+    return {**out, "val_top1": done, "table": os.path.join(workdir, "transfer.txt"),
+            "pretrain_val_top1": pretrained and pretrained.get("val_top1")}

@@ -11,7 +11,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from configs import train as train_config
 from configs import transfer as transfer_config
-from experiments import transfer
+from experiments import sweep, transfer
 from scaling import parallel, weights
 from scaling.models import create_model
 from scaling.models.vit import VisionTransformer, resize_pos_embed
@@ -192,16 +192,18 @@ def test_transfer_experiment_end_to_end(tmp_path):
     c.transfer.modes = ("scratch", "linear_probe")
     transfer.validate(c, 8)
     out = transfer.run(c, str(tmp_path))
-    assert set(out["val_top1"]) == {"scratch", "linear_probe"}
+    assert set(out["val_top1"]) == {"modescratch", "modelinear_probe"}
     text = (tmp_path / "transfer.txt").read_text()
     assert "linear_probe" in text and "source: (0, 1), val top-1" in text
     assert (tmp_path / "curves_eval_top1.png").stat().st_size > 1000
     exported = transfer.export_path(str(tmp_path))
     assert json.loads(weights.read_metadata(exported)["classes"]) == [0, 1]
     # The probe's backbone is the exported one, bit for bit; its head is new.
-    trial = transfer.build_trials(c, exported)[1]
-    assert trial.id == "linear_probe"
-    model, trained = transfer.final_variables(trial.config, str(tmp_path / "trials" / "linear_probe"))
+    cfg = transfer.sweep_config(c, exported)
+    trial = sweep.trials_of(cfg, sweep.build_points(cfg))[1]
+    assert trial.id == "modelinear_probe" and trial.config.init.mode == "linear_probe"
+    assert "Best: **mode" in (tmp_path / "study.md").read_text()
+    model, trained = transfer.final_variables(trial.config, str(tmp_path / "trials" / trial.id))
     pretrained = weights.load(model, exported, new_head=True, image_size=SIZE)
     for col in ("params", "batch_stats"):
         a, b = flatten_dict(trained[col]), flatten_dict(pretrained[col])
