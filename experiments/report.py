@@ -222,12 +222,16 @@ def rung_agreement(table: list[dict], metric: str, min_tau: float) -> list[dict]
         both = [p for p in a if p in b]
         tau = stats.kendall_tau([a[p] for p in both], [b[p] for p in both]) if len(both) >= 2 else None
         tau = None if tau is None or not np.isfinite(tau) else float(tau)
-        warn = tau is None or tau < min_tau
+        warn = tau is None or tau < min_tau or len(both) < 3
         out.append({"from_rung": k0, "to_rung": k1, "points": len(both), "kendall_tau": tau,
-                    "warning": (f"rank agreement tau={tau if tau is None else round(tau, 2)} over "
-                                f"{len(both)} points is below sweep.halving.min_tau={min_tau}: "
-                                "pruning at this rung may have dropped the eventual best; start "
-                                "the rungs later or promote more (smaller eta).") if warn else ""})
+                    "warning": "" if not warn else (
+                        f"only {len(both)} points reached both rungs, too few for the rank agreement "
+                        "to say whether pruning was safe; promote more (smaller eta) to check it."
+                        if len(both) < 3 else
+                        f"rank agreement tau={tau if tau is None else round(tau, 2)} over {len(both)} "
+                        f"points is below sweep.halving.min_tau={min_tau}: pruning at this rung may "
+                        "have dropped the eventual best; start the rungs later or promote more "
+                        "(smaller eta).")})
     return out
 
 
@@ -277,6 +281,9 @@ def plot_study(points: list[dict], fits: dict, path: str, *, x: str, metric: str
         ax.plot([f[x] for f in front], [f[metric] for f in front], "k--", lw=0.8,
                 label="frontier (best at each cost)")
     ax.set_xscale("log")
+    if is_acc:  # a 2-seed t interval can reach past [0, 1]; the axis shows what is possible
+        lo_y, hi_y = ax.get_ylim()
+        ax.set_ylim(max(lo_y, 0.0), min(hi_y, 1.0))
     ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_ylabel({"val_top1": "validation top-1 (fraction)", "val_top5": "validation top-5 "
                    "(fraction)", "val_loss": "validation loss"}.get(metric, metric))
@@ -294,7 +301,8 @@ def plot_rungs(table: list[dict], path: str, metric: str) -> str | None:
                      key=lambda r: r["rung"])
         if sel:
             ax.plot([r["step"] for r in sel], [r[metric] for r in sel], marker="o", lw=1,
-                    label=pid if len(sel) > 1 else None, alpha=0.8)
+                    label=pid + ("" if sel[-1]["promoted"] or len(sel) > 1 else " (pruned)"),
+                    alpha=0.8)
     ax.set_xlabel("training step at the end of the rung")
     ax.set_ylabel(f"{metric}, mean over seeds")
     ax.set_title("successive halving: points by rung (promoted points continue)")
@@ -373,7 +381,8 @@ def write_study(config: Any, workdir: str, rows: list[dict]) -> dict:
                                      metric=curve, title=f"{title}: {curve} (first seed)"))
     if table:
         plots.append(plot_rungs(table, os.path.join(workdir, "rungs.png"), r.metric))
-    if len(r.heatmap) == 2:
+    cells = [{*(p.get(a) for p in ranked)} for a in r.heatmap]
+    if len(r.heatmap) == 2 and min(map(len, cells)) >= 2:  # a heatmap needs two values per axis
         plots.append(plot_heatmap([{**p, metric: p.get("mean")} for p in ranked],
                                   os.path.join(workdir, f"heatmap_{r.heatmap[0]}_{r.heatmap[1]}.png"),
                                   row_axis=r.heatmap[0], col_axis=r.heatmap[1], value=metric))
@@ -445,7 +454,7 @@ def study_markdown(config: Any, study: dict, title: str) -> str:
                   f"{metric} for accuracies); 95 % bootstrap intervals (seeds resampled within "
                   "each point); the leave-largest-out error is |predicted - observed| at the "
                   "largest x when it is left out of the fit.", ""]
-        rows = []
+        rows, skipped = [], []
         for x, fs in study["fits"].items():
             for g, e in fs.items():
                 f, ci = e.get("fit"), e.get("intervals") or {}
@@ -457,9 +466,12 @@ def study_markdown(config: Any, study: dict, title: str) -> str:
                     lo = e.get("leave_largest_out") or {}
                     row["leave-largest-out error"] = lo.get("abs_error")
                 else:
-                    row["a"] = e.get("skipped", "")
+                    skipped.append(f"- {x}, {g}: no fit ({e.get('skipped', '')})")
+                    continue
                 rows.append(row)
-        lines.append(md_table(rows, ["x", "group", "points", "a", "b", "c", "leave-largest-out error"]))
+        if rows:
+            lines.append(md_table(rows, ["x", "group", "points", "a", "b", "c", "leave-largest-out error"]))
+        lines += ([""] if rows and skipped else []) + skipped
         for x, front in study["frontier"].items():
             lines += ["", f"Frontier against {x} (no cheaper point does better): " +
                       ", ".join(f"{f['point']}" + (f" ({f['group']})" if f.get("group") else "")
