@@ -30,6 +30,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.halving.rungs = ()
     if preset == "default":
         c.train.num_epochs = 3.0  # 9 points x 2 seeds in about 20 minutes on 2 cores
-    s.report.update(group="scaling", label="phi", heatmap=(), x=("gmacs", "params", "train_pflop"),
+    s.report.update(group="scaling", shared="phi == 0", label="phi", heatmap=(), x=("gmacs", "params", "train_pflop"),
                     title="compound vs single-dimension scaling at equal realized cost")
     return c

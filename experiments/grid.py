@@ -451,7 +451,8 @@ def run_study(trials: list[Trial], workdir: str, grid_cfg: Any, *,
             break
         if k == n_rungs - 1:
             results = {t.id: _rung_result(workdir, t, k) for t in units}
-            table += [{"rung": k, **row} for row in promote(units, results, metric, mode, 1)[1]]
+            table += [{"rung": k, **row, "promoted": None}
+                      for row in promote(units, results, metric, mode, 1)[1]]
             break
         results = {t.id: _rung_result(workdir, t, k) for t in units}
         promoted, rows = promote(units, results, metric, mode, eta)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -17,10 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig, ax, path: str) -> str:
+def _save(fig, ax, path: str, *, legend_outside: bool = False) -> str:
     """Grid, legend and layout shared by the line plots; writes the PNG and frees the figure."""
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if legend_outside:  # many entries: beside the axes, never over the data
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -168,8 +171,14 @@ def _error(mean: float, metric: str, mode: str) -> float:
     return 1.0 - mean if mode == "max" and metric.startswith(("val_top", "train_top")) else mean
 
 
+def in_group(row: dict, group: str, g: str, shared: Callable[[dict], bool] | None) -> bool:
+    """Whether a row belongs to group g: its own, or every group when `shared` says so (the
+    common base of a family, e.g. phi == 0)."""
+    return not group or str(row.get(group)) == g or bool(shared and shared(row))
+
+
 def scaling_fits(points: list[dict], rows: list[dict], metric: str, mode: str, xs: Sequence[str],
-                 group: str) -> dict:
+                 group: str, shared: Callable[[dict], bool] | None = None) -> dict:
     """Per group and cost axis: the saturating power law error = a (x + d)^-b + c over the
     finished points' seeds, bootstrap intervals, leave-largest-out error; the frontier."""
     from scaling import stats
@@ -181,10 +190,11 @@ def scaling_fits(points: list[dict], rows: list[dict], metric: str, mode: str, x
                and r.get("status") == "done"]
         if not sel:
             continue
-        groups = sorted({str(r.get(group, "all")) if group else "all" for r in sel})
+        groups = sorted({str(r.get(group)) for r in sel if not (shared and shared(r))}
+                        if group else {"all"})
         fits = {}
         for g in groups:
-            gs = [r for r in sel if not group or str(r.get(group)) == g]
+            gs = [r for r in sel if in_group(r, group, g, shared)]
             xv = [float(r[x]) for r in gs]
             yv = [_error(float(r[metric]), metric, mode) for r in gs]
             entry = {"n_points": len({r["point"] for r in gs}), "n_trials": len(gs)}
@@ -236,7 +246,8 @@ def rung_agreement(table: list[dict], metric: str, min_tau: float) -> list[dict]
 
 
 def plot_study(points: list[dict], fits: dict, path: str, *, x: str, metric: str, mode: str,
-               group: str, label: str, title: str) -> str | None:
+               group: str, label: str, title: str,
+               shared: Callable[[dict], bool] | None = None) -> str | None:
     """The metric against a cost: mean and 95 % interval (error bars) per point, one colour per
     group, the fitted law with its bootstrap band, the frontier."""
     from scaling import stats
@@ -244,12 +255,12 @@ def plot_study(points: list[dict], fits: dict, path: str, *, x: str, metric: str
     pts = [p for p in points if p.get("mean") is not None and _num(p.get(x))]
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    groups = sorted({str(p.get(group)) for p in pts}) if group else [""]
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    groups = sorted({str(p.get(group)) for p in pts if not (shared and shared(p))}) if group else [""]
     colors = dict(zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
     is_acc = _error(0.0, metric, mode) == 1.0
     for g in groups:
-        sel = sorted((p for p in pts if not group or str(p.get(group)) == g), key=lambda p: float(p[x]))
+        sel = sorted((p for p in pts if in_group(p, group, g, shared)), key=lambda p: float(p[x]))
         xs = np.array([float(p[x]) for p in sel])
         ys = np.array([p["mean"] for p in sel])
         lo = np.array([p["mean"] - (p["ci_low"] if p.get("ci_low") is not None else p["mean"]) for p in sel])
@@ -288,7 +299,7 @@ def plot_study(points: list[dict], fits: dict, path: str, *, x: str, metric: str
     ax.set_ylabel({"val_top1": "validation top-1 (fraction)", "val_top5": "validation top-5 "
                    "(fraction)", "val_loss": "validation loss"}.get(metric, metric))
     ax.set_title(title)
-    return _save(fig, ax, path)
+    return _save(fig, ax, path, legend_outside=True)
 
 
 def plot_rungs(table: list[dict], path: str, metric: str) -> str | None:
@@ -330,6 +341,7 @@ def _interval(p: dict) -> str:
 def write_study(config: Any, workdir: str, rows: list[dict]) -> dict:
     """The study's analysis from its rows: points.csv, study.json, study.md and the plots."""
     from experiments import grid
+    from experiments import sweep as sweep_lib
     from scaling import rundir, stats
 
     s, r = config.sweep, config.sweep.report
@@ -347,8 +359,9 @@ def write_study(config: Any, workdir: str, rows: list[dict]) -> dict:
                     key=lambda p: -sign * p[rank_key])
     table = rundir.read_json(os.path.join(workdir, "rungs.json")) or []
     agreement = rung_agreement(table, metric, float(s.halving.min_tau)) if table else []
+    shared = sweep_lib.make_constraint(r.shared) if r.get("shared") else None
     fits = scaling_fits(points, rows, metric, mode, [x for x in r.x if any(_num(p.get(x)) for p in points)],
-                        r.group)
+                        r.group, shared)
     study = {"metric": metric, "mode": mode, "select": r.select, "seeds": int(s.seeds),
              "points": points, "rungs": table, "rank_agreement": agreement,
              "fits": {x: {g: {k: v for k, v in e.items() if k != "samples"} for g, e in fs.items()}
@@ -372,14 +385,15 @@ def write_study(config: Any, workdir: str, rows: list[dict]) -> dict:
     plots = []
     for x in fits["fits"] or ([r.x[0]] if r.x else []):
         plots.append(plot_study(points, fits, os.path.join(workdir, f"{metric}_vs_{x}.png"), x=x,
-                                metric=metric, mode=mode, group=r.group, label=r.label, title=title))
+                                metric=metric, mode=mode, group=r.group, label=r.label, title=title,
+                                shared=shared))
     first = {}
     for row in rows:
         first.setdefault(row["point"], os.path.join(workdir, "trials", row["trial"]))
     for curve in r.curves:
         plots.append(learning_curves(first, os.path.join(workdir, f"curves_{curve.replace('/', '_')}.png"),
                                      metric=curve, title=f"{title}: {curve} (first seed)"))
-    if table:
+    if len({row["rung"] for row in table}) > 1:
         plots.append(plot_rungs(table, os.path.join(workdir, "rungs.png"), r.metric))
     cells = [{*(p.get(a) for p in ranked)} for a in r.heatmap]
     if len(r.heatmap) == 2 and min(map(len, cells)) >= 2:  # a heatmap needs two values per axis
@@ -439,7 +453,7 @@ def study_markdown(config: Any, study: dict, title: str) -> str:
         lines.append(md_table(points, ["point", *[a for a in axes if a in ("scaling", "phi")],
                                        "cost_factor_theory", "cost_factor", "depth_realized",
                                        "width_realized", "resolution_realized"]))
-    if study["rungs"]:
+    if len({row["rung"] for row in study["rungs"]}) > 1:
         lines += ["", "## Rungs", ""]
         lines.append(md_table(study["rungs"], ["rung", "step", "point", "seeds", s.report.metric,
                                                "rank", "promoted", "status"]))
@@ -464,7 +478,8 @@ def study_markdown(config: Any, study: dict, title: str) -> str:
                         iv = ci.get(k)
                         row[k] = f"{f[k]:.3g}" + (f" [{iv[0]:.3g}, {iv[1]:.3g}]" if iv else "")
                     lo = e.get("leave_largest_out") or {}
-                    row["leave-largest-out error"] = lo.get("abs_error")
+                    row["leave-largest-out error"] = (lo.get("abs_error") if lo.get("abs_error") is not None
+                                                      else "n/a: 4+ costs needed")
                 else:
                     skipped.append(f"- {x}, {g}: no fit ({e.get('skipped', '')})")
                     continue

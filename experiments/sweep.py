@@ -77,6 +77,7 @@ def default_sweep_config() -> ml_collections.ConfigDict:
             objective_target_gmacs=0.0,         # T; 0 = the median GMACs of the finished points
             x=("gmacs", "params", "train_pflop"),  # cost axes of the fits
             group="",                           # one curve / fit per value of this column
+            shared="",                          # rows in every group, e.g. "phi == 0" (the base)
             label="point",                      # text next to each plotted point
             columns=(),                         # extra columns of the point table
             heatmap=(),                         # two axis names
