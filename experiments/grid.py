@@ -194,12 +194,6 @@ def trial_state(trial_dir: str) -> dict:
     return rundir.read_json(rung_path(trial_dir, rungs[-1])) if rungs else {"status": "pending"}
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
-
-
 def collect_rows(workdir: str, trials: list[Trial]) -> list[dict]:
     """One row per trial (pending ones too): its point's values, seed, state and metrics."""
     rows = []
@@ -220,7 +214,7 @@ def collect_rows(workdir: str, trials: list[Trial]) -> list[dict]:
         for k, v in res.items():  # experiment-specific extras
             if k not in row and not isinstance(v, (dict, list)):
                 row[k] = v
-        rows.append({k: _jsonable(v) for k, v in row.items()})
+        rows.append(rundir.jsonable(row))  # as results.json will hold it
     return rows
 
 
@@ -449,14 +443,12 @@ def run_study(trials: list[Trial], workdir: str, grid_cfg: Any, *,
         if not _run_rung(units, workdir, grid_cfg, k, steps, train_fn, preflight_fn, owner,
                          single_process):
             break
-        if k == n_rungs - 1:
-            results = {t.id: _rung_result(workdir, t, k) for t in units}
-            table += [{"rung": k, **row, "promoted": None}
-                      for row in promote(units, results, metric, mode, 1)[1]]
-            break
         results = {t.id: _rung_result(workdir, t, k) for t in units}
-        promoted, rows = promote(units, results, metric, mode, eta)
-        table += [{"rung": k, **row} for row in rows]
+        last = k == n_rungs - 1
+        promoted, rows = promote(units, results, metric, mode, 1 if last else eta)
+        table += [{"rung": k, **row, **({"promoted": None} if last else {})} for row in rows]
+        if last:  # the full budget: a ranking, nothing to promote or prune
+            break
         for t in units:
             res = results[t.id]
             if t.point not in promoted and res.get("status") == "paused":

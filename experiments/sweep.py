@@ -235,7 +235,7 @@ DERIVE: dict[str, Callable[[dict, Any], dict]] = {
 
 # ----------------------------------------------------------------------------- study
 @functools.lru_cache(maxsize=16)
-def _source_info(data_text: str, data_json: str) -> tuple[int, int]:
+def _source_info(data_json: str) -> tuple[int, int]:
     from scaling.data import build_source
 
     data = ml_collections.ConfigDict(json.loads(data_json))
@@ -245,7 +245,7 @@ def _source_info(data_text: str, data_json: str) -> tuple[int, int]:
 
 def source_info(data_cfg: Any) -> tuple[int, int]:
     """(classes, training examples) of a data section, built once per distinct section."""
-    return _source_info(str(data_cfg), data_cfg.to_json())
+    return _source_info(data_cfg.to_json())
 
 
 def _set(cfg: Any, settings: dict[str, Any], where: str) -> None:

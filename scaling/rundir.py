@@ -49,14 +49,14 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, CHECKPOINTS)
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """numpy / jax scalars and arrays -> Python; non-finite floats -> 'nan' / 'inf' / '-inf'."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.generic, np.ndarray)) or hasattr(obj, "__array__"):
-        return _jsonable(np.asarray(obj).tolist())
+        return jsonable(np.asarray(obj).tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     return obj
@@ -69,7 +69,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
     (read back as those strings)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2, sort_keys=True, allow_nan=False)
+        json.dump(jsonable(obj), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 
