@@ -113,12 +113,15 @@ def test_bad_arguments():
         depthwise_conv(x, w, padding="CIRCULAR")
 
 
-@pytest.mark.parametrize("size,stride,padding", [(12, 1, sym_padding(3)), (11, 2, "SAME"), (13, 1, "SAME")])
-def test_row_blocked_kernel_grad_matches_lax_conv(monkeypatch, size, stride, padding):
-    """Large maps reduce the kernel gradient a block of output rows at a time (a scan); force
-    that path on a small map (even and odd output heights) and compare with XLA's conv."""
+@pytest.mark.parametrize("size,stride,padding,block_bytes", [
+    (12, 1, sym_padding(3), 400), (11, 2, "SAME", 100), (13, 1, "SAME", 2000), (12, 1, "SAME", 1200)])
+def test_row_blocked_kernel_grad_matches_lax_conv(monkeypatch, size, stride, padding, block_bytes):
+    """Large maps reduce the kernel gradient one block of images x output rows at a time (a
+    scan); force that path on a small map (even and odd output heights; blocks of one row of
+    one image, several rows, several images) and compare with XLA's conv."""
     from scaling.models import layers
     monkeypatch.setattr(layers, "_DEPTHWISE_BLOCK_BYTES", 0)
+    monkeypatch.setattr(layers, "_DEPTHWISE_BLOCK_G_BYTES", block_bytes)
     rng = np.random.default_rng(size)
     x = jnp.asarray(rng.standard_normal((3, size, size, 4)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 1, 4)), jnp.float32)
