@@ -161,3 +161,16 @@ def test_exploding_run_raises_diverged(tmp_path):
     assert err.step <= 4 and err.quantity in ("loss", "grad_norm")
     assert "train.lr" in str(err)
     assert rundir.read_result(str(tmp_path)) is None
+
+
+def test_seeds_share_one_compiled_step_and_other_changes_do_not():
+    """A sweep's seeds (and a preflight and its trial) reuse one executable in a process; any
+    other config change, e.g. the learning rate, compiles its own."""
+    runs = {}
+    for name, overrides, seed in (("a", {}, 0), ("b", {}, 1), ("lr", {"lr": 0.123}, 0)):
+        c = tiny_config(**overrides)
+        c.seed = seed
+        runs[name] = prepare(c)
+    assert runs["a"].key == runs["b"].key != runs["lr"].key
+    assert runs["a"].compile() is runs["b"].compile()
+    assert runs["lr"].compile() is not runs["a"].compile()

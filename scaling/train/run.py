@@ -3,7 +3,9 @@ directory (`restore`): the trainer's API for code that needs the model, its trai
 weights without training (a grid's preflight, weight export, transfer)."""
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import math
 import os
 from typing import Any, Callable
@@ -47,9 +49,37 @@ class Run:
     step_fn: Callable
     state_spec: Any
     batch_spec: dict
+    key: str | None = None  # what the compiled step depends on; None: never reused
 
     def compile(self):
-        return self.step_fn.lower(self.state_spec, self.batch_spec).compile()
+        """The compiled train step. Runs whose configs differ only in `seed` (a sweep's seeds,
+        a preflight and its trial) share one executable within a process: a step of a deep
+        EfficientNet costs ~30 s to trace and read back from the persistent cache."""
+        if self.key is not None and self.key in _COMPILED:
+            _COMPILED.move_to_end(self.key)
+            return _COMPILED[self.key]
+        compiled = self.step_fn.lower(self.state_spec, self.batch_spec).compile()
+        if self.key is not None:
+            _COMPILED[self.key] = compiled
+            while len(_COMPILED) > _COMPILED_KEEP:
+                _COMPILED.popitem(last=False)
+        return compiled
+
+
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_KEEP = 2
+
+
+def step_key(config: Any, mesh, num_classes: int, num_examples: int) -> str | None:
+    """The compiled step's identity: the config without its seed (the seed only reaches the
+    step through the train state's rng), the mesh, and the data's class and example counts."""
+    try:
+        cfg = json.loads(config.to_json_best_effort(sort_keys=True))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    cfg.pop("seed", None)
+    where = (mesh.axis_names, mesh.devices.shape, [d.id for d in mesh.devices.flat])
+    return json.dumps([cfg, repr(where), num_classes, num_examples], sort_keys=True, default=repr)
 
 
 def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
@@ -71,7 +101,8 @@ def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
     batch_spec = make_batch_spec(tc.batch_size, (size, size, 3), data)
     step_fn = make_train_step(model, tx, mesh, label_smoothing=tc.label_smoothing,
                               compute_dtype=COMPUTE_DTYPES[tc.compute_dtype], plan=plan)
-    return Run(model, tx, schedule, steps_per_epoch, total_steps, step_fn, state_spec, batch_spec)
+    return Run(model, tx, schedule, steps_per_epoch, total_steps, step_fn, state_spec, batch_spec,
+               step_key(config, mesh, num_classes, num_examples))
 
 
 def prepare(config: Any, mesh=None) -> Run:
