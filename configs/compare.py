@@ -12,6 +12,7 @@ cifar10, imagenet (224 px, the architectures exactly as published).
 import ml_collections
 
 from configs import train
+from scaling.models import CIFAR10_MEAN, CIFAR10_STD
 from experiments.grid import default_grid_config
 from experiments.sweep import default_sweep_config
 
@@ -30,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.derive = "models"
     s.report.update(columns=("size_mb", "step_time_s", "train_time_s", "peak_memory_mb"),
                     curves=("eval/top1", "train/loss"), x=("gmacs",), title="model comparison")
+    if preset in ("default", "cifar10"):
+        # CIFAR-10 statistics for every model (their records hold ImageNet's).
+        c.data.update(mean=CIFAR10_MEAN, std=CIFAR10_STD)
     if preset == "default":
         c.data.update(classes=(0, 1, 2, 3, 4), examples_per_class=300)
         c.train.update(batch_size=32, eval_batch_size=200, num_epochs=2.0, optimizer="sgd",
@@ -42,8 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        log_every_steps=50, checkpoint_every_steps=500)
     elif preset == "imagenet":
         c.data.update(source="tfds", name="imagenet2012", train_split="train",
-                      eval_split="validation", image_size=224, crop="random_resized",
-                      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), workers=16)
+                      eval_split="validation", image_size=224, crop="random_resized", workers=16)
         c.train.update(batch_size=256, eval_batch_size=512, num_epochs=90.0, lr=0.01,
                        weight_decay=1e-4, schedule="step", decay_epochs=(30, 60, 80),
                        decay_factor=0.1, eval_every_epochs=1.0, log_every_steps=100,

@@ -26,6 +26,7 @@ Presets:
 import ml_collections
 
 from configs import train
+from scaling.models import CIFAR10_MEAN, CIFAR10_STD
 from experiments.grid import default_grid_config
 from experiments.sweep import default_sweep_config
 
@@ -52,6 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = arg or "default"
     c = base_config()
     s = c.sweep
+    if preset in ("default", "cifar10"):
+        c.data.update(mean=CIFAR10_MEAN, std=CIFAR10_STD)  # not the model's ImageNet statistics
     if preset == "default":
         s.axes = ml_collections.ConfigDict(dict(
             alpha=(1.0, 1.2, 1.4, 1.6, 1.8, 2.0), beta=(1.0, 1.1, 1.2, 1.3, 1.4),
@@ -92,8 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         s.halving.update(rungs=(5.0, 10.0), unit="epochs", eta=3)
         c.model.name = "tf_efficientnet_b0"
         c.data.update(source="tfds", name="imagenet2012", train_split="train",
-                      eval_split="validation", image_size=224, crop="random_resized",
-                      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), workers=16)
+                      eval_split="validation", image_size=224, crop="random_resized", workers=16)
         c.train.update(batch_size=4096, eval_batch_size=1024, num_epochs=30.0, optimizer="rmsprop",
                        lr=0.016 * 4096 / 256, momentum=0.9, rmsprop_decay=0.9, eps=1e-3,
                        weight_decay=1e-5, schedule="exponential", decay_factor=0.97,

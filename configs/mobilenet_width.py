@@ -11,6 +11,7 @@ imagenet (224 px, TFDS imagenet2012, the MobileNetV2 recipe).
 import ml_collections
 
 from configs import train
+from scaling.models import CIFAR10_MEAN, CIFAR10_STD
 from experiments.grid import default_grid_config
 from experiments.sweep import default_sweep_config
 
@@ -28,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     title="MobileNetV2 width multiplier")
     if preset == "default":
         s.seeds = 2
-        c.data.update(examples_per_class=200)
+        c.data.update(examples_per_class=200, mean=CIFAR10_MEAN, std=CIFAR10_STD)
         c.train.update(batch_size=64, eval_batch_size=400, num_epochs=3.0, optimizer="adamw",
                        lr=3e-3, weight_decay=5e-5, schedule="cosine", warmup_epochs=0.2,
                        log_every_steps=8, checkpoint_every_steps=16, progress_bar=False)

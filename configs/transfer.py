@@ -14,7 +14,8 @@ Presets:
            as a torch-layout .safetensors; stage 2 runs scratch / linear_probe / finetune with
            the same number of steps. Writes transfer.txt (the table) and learning curves.
   tfds     a torchvision/timm checkpoint (`init.path`, required) on a TFDS dataset at 224 px
-           with ImageNet normalisation; model.name must match the checkpoint (resnet18 here).
+           with the model's normalisation (its registry record: ImageNet's for resnet18);
+           model.name must match the checkpoint (resnet18 here).
   folder   the same on an image folder (`data.path`, `init.path` required).
   test     tiny sizes for the smoke test.
 Per-mode learning rates: `transfer.lr.<mode>` (0 keeps train.lr). `init.*` is the shared
@@ -30,7 +31,6 @@ from experiments.sweep import default_sweep_config
 from scaling.train.finetune import default_init_config
 
 PRESETS = ("default", "tfds", "folder", "test")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -73,8 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model = ml_collections.ConfigDict(dict(name="resnet18"))
         c.init.update(source="torchvision", head_lr_mult=10.0)
         c.transfer.lr.update(scratch=0.1, linear_probe=0.1, finetune=0.01, finetune_bn=0.01)
-        c.data.update(image_size=224, crop="random_resized", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                      workers=8)
+        c.data.update(image_size=224, crop="random_resized", workers=8)  # mean/std: the model's
         if preset == "tfds":
             c.data.update(source="tfds", name="oxford_flowers102", train_split="train",
                           eval_split="validation")

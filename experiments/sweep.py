@@ -263,6 +263,10 @@ def build_points(config: Any) -> list[grid.Point]:
     if not axes:
         raise ValueError("sweep.axes: empty; give at least one axis, e.g. "
                          "--config.sweep.axes.lr='(0.1, 0.05)' with sweep.targets.lr=train.lr.")
+    empty = [a for a, v in axes.items() if not v]
+    if empty:
+        raise ValueError(f"sweep.axes.{empty[0]}: empty; give it at least one value, e.g. "
+                         f"--config.sweep.axes.{empty[0]}='(1,)'.")
     if s.derive and s.derive not in DERIVE:
         raise ValueError(f"sweep.derive: unknown {s.derive!r}; use one of {', '.join(DERIVE)} or ''.")
     targets = dict(s.targets)
@@ -303,7 +307,7 @@ def realized_cost(config: Any) -> dict:
     from scaling import profile
     from scaling.train import build_model
 
-    model = build_model(config.model, source_info(config.data)[0])
+    model = build_model(config.model, source_info(config.data)[0], image_size=int(config.data.image_size))
     out = profile.model_stats(model, int(config.data.image_size))
     rest = {k: v for k, v in config.to_dict().items() if k not in ("model", "seed")}
     network = config.model.to_dict()

@@ -69,6 +69,10 @@ def export_path(workdir: str) -> str:
 
 def validate(config: Any, num_devices: int | None = None) -> None:
     pretrain = bool(config.transfer.pretrain.enabled)
+    if pretrain and config.init.path:
+        raise ValueError(f"init.path={config.init.path!r} is set but transfer.pretrain.enabled=True "
+                         "trains the weights here first; clear init.path, or transfer from the "
+                         "file with --config.transfer.pretrain.enabled=False.")
     if pretrain:
         grid.validate_trials(config.grid, [grid.Trial("pretrain", {}, pretrain_config(config))],
                              num_devices, "transfer.pretrain")

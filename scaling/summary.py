@@ -5,7 +5,8 @@
     python -m scaling.summary --all [--json] [--no-memory]
 
 Everything is computed from shapes (jax.eval_shape, jaxpr walking, XLA compile without
-running), so full-size models take seconds. Columns:
+running), so full-size models take seconds. The input, head size and (in --json rows) the
+modality, head path and weight family come from the model's registry record. Columns:
   params       trainable parameters (as torchvision/timm count them)
   bn_stats     BatchNorm running mean + variance elements (not trained)
   GMACs        multiply-accumulates per image (conv / linear / attention matmuls)
@@ -35,12 +36,9 @@ from scaling.train.step import make_train_step
 
 
 def input_shape(name: str, resolution: int | None = None) -> tuple[int, ...]:
-    """Per-example input shape: (R, R, 3) for images, the registry's `input_shape` otherwise."""
-    info = model_info(name)
-    if "input_shape" in info:
-        return tuple(info["input_shape"])
-    r = resolution or info["resolution"]
-    return (r, r, 3)
+    """Per-example input shape at `resolution` (default: the model's): (R, R, C) for images,
+    (R, C) for audio (R samples)."""
+    return model_info(name).input_shape_at(resolution)
 
 
 def _count(tree: Any) -> int:
@@ -50,7 +48,7 @@ def _count(tree: Any) -> int:
 def summarize(name: str, *, num_classes: int | None = None, resolution: int | None = None,
               batch: int = 32, memory: bool = True) -> dict[str, Any]:
     info = model_info(name)
-    num_classes = num_classes or info["num_classes"]
+    num_classes = num_classes or info.num_classes
     model = create_model(name, num_classes=num_classes)
     shape = input_shape(name, resolution)
     x1 = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
@@ -59,9 +57,9 @@ def summarize(name: str, *, num_classes: int | None = None, resolution: int | No
     params, stats = variables.get("params", {}), variables.get("batch_stats", {})
     macs = profile.count_macs(lambda v, x: model.apply(v, x, train=False), variables, x1)
     n_params, n_stats = _count(params), _count(stats)
-    row = {"name": name, "num_classes": num_classes, "input_shape": list(shape),
+    row = {"name": name, "modality": info.modality, "num_classes": num_classes, "input_shape": list(shape),
            "params": n_params, "batch_stats": n_stats, "gmacs": macs / 1e9,
-           "size_mb": (n_params + n_stats) * 4 / 1e6}
+           "size_mb": (n_params + n_stats) * 4 / 1e6, "head": info.head, "weights": info.weights}
     if memory:
         t = time.perf_counter()
         mesh = parallel.make_mesh(1)
@@ -92,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("names", nargs="*", metavar="NAME", help="registered model names (globs allowed)")
     p.add_argument("--all", action="store_true", help="every registered model")
     p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--resolution", type=int, default=None, help="input size (default: the model's own)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="input side in pixels, or length in samples for audio (default: the model's own)")
     p.add_argument("--batch", type=int, default=32, help="batch of the train step for train_MB")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip compiling the train step (train_MB)")

@@ -213,6 +213,6 @@ class AlexNet(nn.Module):
                                dtype=self.dtype, kernel_init=dense_init)
 
 
-register_model("alexnet", AlexNet, resolution=224, num_classes=1000)
-register_model("zfnet", functools.partial(AlexNet, layers=ZFNET), resolution=224, num_classes=1000,
-               family="ZFNet")
+# ZFNet has no published torch weights; it exports and imports under AlexNet's torchvision names.
+register_model("alexnet", AlexNet, head="classifier_6", weights="alexnet")
+register_model("zfnet", functools.partial(AlexNet, layers=ZFNET), head="classifier_6", weights="alexnet")

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from scaling.models.layers import Dtype, dense_init, global_avg_pool, make_norm, sym_padding
-from scaling.models.registry import register_model
+from scaling.models.registry import CIFAR10_MEAN, CIFAR10_STD, register_model
 
 # torchvision: kaiming_normal_ with its defaults (fan_in, ReLU gain), untruncated.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -217,13 +217,15 @@ _IMAGENET = {
     "densenet201": dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64),
 }
 for _name, _kw in _IMAGENET.items():
-    register_model(_name, functools.partial(DenseNet, **_kw), resolution=224, num_classes=1000)
+    register_model(_name, functools.partial(DenseNet, **_kw), head="classifier", weights="densenet")
 
 # The paper's CIFAR table (Table 2): DenseNet (L, k) and DenseNet-BC (L, k).
+_CIFAR = dict(head="classifier", weights="cifar_densenet", resolution=32, num_classes=10,
+              mean=CIFAR10_MEAN, std=CIFAR10_STD)
 for _depth, _k in ((40, 12), (100, 12), (100, 24)):
     register_model(f"densenet_{_depth}_{_k}", functools.partial(CifarDenseNet, depth=_depth, growth_rate=_k),
-                   resolution=32, num_classes=10)
+                   **_CIFAR)
 # Larger BC variants of the table: create_model("densenet_bc_100_12", depth=250, growth_rate=24), ...
 register_model("densenet_bc_100_12", functools.partial(CifarDenseNet, depth=100, growth_rate=12, bottleneck=True,
                                                        compression=0.5),
-               resolution=32, num_classes=10)
+               **_CIFAR)

@@ -304,8 +304,12 @@ def efficientnet_from_compound(phi: float, alpha: float = scaling_rules.PAPER_AL
     return efficientnet_from_coefficients(c.width, c.depth, resolution, **fields)
 
 
-# torchvision evaluates b2 at 288 (its transforms); timm's tf_ ports at the official sizes.
-_TORCHVISION_RESOLUTION = {"b2": 288}
+# Eval transforms of the reference weights: torchvision's (crop, resize) per variant (b2 at
+# 288, not the official 260); timm's tf_ ports at the official sizes with timm's crop_pct.
+_TORCHVISION_EVAL = {"b0": (224, 256), "b1": (240, 255), "b2": (288, 288), "b3": (300, 320),
+                     "b4": (380, 384), "b5": (456, 456), "b6": (528, 528), "b7": (600, 600)}
+_TIMM_CROP = {"b0": 0.875, "b1": 0.882, "b2": 0.890, "b3": 0.904, "b4": 0.922, "b5": 0.934,
+              "b6": 0.942, "b7": 0.949}
 
 for _b, _p in scaling_rules.EFFICIENTNET_PARAMS.items():
     _late = _b in ("b5", "b6", "b7")  # torchvision: BatchNorm2d(eps=1e-3, momentum=0.01)
@@ -314,9 +318,10 @@ for _b, _p in scaling_rules.EFFICIENTNET_PARAMS.items():
         functools.partial(EfficientNet, width=_p.width, depth=_p.depth, dropout=_p.dropout,
                           padding="symmetric", naming="torchvision", bn_eps=1e-3 if _late else 1e-5,
                           bn_momentum=0.99 if _late else 0.9),
-        resolution=_TORCHVISION_RESOLUTION.get(_b, _p.resolution), num_classes=1000)
+        head="classifier_1", weights="efficientnet", resolution=_TORCHVISION_EVAL[_b][0],
+        crop_fraction=_TORCHVISION_EVAL[_b][0] / _TORCHVISION_EVAL[_b][1])
     register_model(
         f"tf_efficientnet_{_b}",
         functools.partial(EfficientNet, width=_p.width, depth=_p.depth, dropout=_p.dropout,
                           padding="same", naming="timm", bn_eps=1e-3, bn_momentum=0.99),
-        resolution=_p.resolution, num_classes=1000)
+        head="classifier", weights="efficientnet", resolution=_p.resolution, crop_fraction=_TIMM_CROP[_b])

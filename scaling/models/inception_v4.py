@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from scaling.models.googlenet import InceptionNet
 from scaling.models.inception import VALID, avg_pool3
 from scaling.models.layers import Dtype, dense_init
-from scaling.models.registry import register_model
+from scaling.models.registry import INCEPTION_MEAN, INCEPTION_STD, register_model
 
 avg_pool = functools.partial(avg_pool3, count_include_pad=False)
 
@@ -270,5 +270,8 @@ class InceptionResNetV2(_RepeatedBlocksNet):
         return self.head(x, train)
 
 
-register_model("inception_v4", InceptionV4, resolution=299, num_classes=1000)
-register_model("inception_resnet_v2", InceptionResNetV2, resolution=299, num_classes=1000)
+# timm's ports of the TensorFlow weights: inputs scaled to [-1, 1], timm's eval crops.
+register_model("inception_v4", InceptionV4, head="last_linear", weights="inception_v4", resolution=299,
+               mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_fraction=0.875)
+register_model("inception_resnet_v2", InceptionResNetV2, head="classif", weights="inception_resnet_v2",
+               resolution=299, mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_fraction=0.8975)

@@ -350,11 +350,12 @@ class MobileNetV3(nn.Module):
 
 for _name, _alpha in (("mobilenet_v1", 1.0), ("mobilenet_v1_075", 0.75), ("mobilenet_v1_050", 0.5),
                       ("mobilenet_v1_025", 0.25)):
-    register_model(_name, functools.partial(MobileNetV1, alpha=_alpha), resolution=224, num_classes=1000)
-register_model("mobilenet_v2", MobileNetV2, resolution=224, num_classes=1000)
+    register_model(_name, functools.partial(MobileNetV1, alpha=_alpha), head="classifier",
+                   weights="mobilenet_v1")
+register_model("mobilenet_v2", MobileNetV2, head="classifier_1", weights="mobilenet_v2")
 # timm `mobilenetv2_050`: its channel rounding equals torchvision's at 0.5; timm names, no dropout.
 register_model("mobilenet_v2_050", functools.partial(MobileNetV2, alpha=0.5, naming="timm", dropout=0.0),
-               resolution=224, num_classes=1000)
+               head="classifier", weights="mobilenet_v2")
 for _arch in V3_ARCHS:
     register_model(f"mobilenet_v3_{_arch}", functools.partial(MobileNetV3, arch=_arch),
-                   resolution=224, num_classes=1000)
+                   head="classifier_3", weights="mobilenet_v3")

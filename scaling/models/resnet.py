@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from scaling.models.layers import (Dtype, conv_general_dilated, conv_init, dense_init, global_avg_pool,
                                    make_norm)
-from scaling.models.registry import register_model
+from scaling.models.registry import CIFAR10_MEAN, CIFAR10_STD, register_model
 
 BLOCKS = ("basic", "bottleneck")
 SHORTCUTS = ("A", "B")
@@ -220,8 +220,9 @@ _IMAGENET = {
     "wide_resnet101_2": dict(stage_sizes=(3, 4, 23, 3), block="bottleneck", width_per_group=128),
 }
 for _name, _kw in _IMAGENET.items():
-    register_model(_name, functools.partial(ResNet, **_kw), resolution=224, num_classes=1000)
+    register_model(_name, functools.partial(ResNet, **_kw), head="fc", weights="resnet")
 
 for _depth in (20, 32, 44, 56, 110):
-    register_model(f"resnet{_depth}", functools.partial(CifarResNet, depth=_depth),
-                   resolution=32, num_classes=10)
+    register_model(f"resnet{_depth}", functools.partial(CifarResNet, depth=_depth), head="fc",
+                   weights="cifar_resnet", resolution=32, num_classes=10, mean=CIFAR10_MEAN,
+                   std=CIFAR10_STD)

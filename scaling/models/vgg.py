@@ -84,7 +84,8 @@ class VGG(nn.Module):
                                dtype=self.dtype, kernel_init=nn.initializers.normal(0.01))
 
 
+_INFO = dict(head="classifier_6", weights="vgg")
 for _depth in CONFIGS:
-    register_model(f"vgg{_depth}", functools.partial(VGG, depth=_depth))
-    register_model(f"vgg{_depth}_bn", functools.partial(VGG, depth=_depth, norm="batch"))
-register_model("vgg11_lrn", functools.partial(VGG, depth=11, lrn=True))
+    register_model(f"vgg{_depth}", functools.partial(VGG, depth=_depth), **_INFO)
+    register_model(f"vgg{_depth}_bn", functools.partial(VGG, depth=_depth, norm="batch"), **_INFO)
+register_model("vgg11_lrn", functools.partial(VGG, depth=11, lrn=True), **_INFO)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from scaling.models.layers import DropPath, Dtype, activation, dense_init
-from scaling.models.registry import register_model
+from scaling.models.registry import INCEPTION_MEAN, INCEPTION_STD, register_model
 
 CLASSIFIERS = ("token", "gap")
 LN_EPS = 1e-6
@@ -242,9 +242,14 @@ _VARIANTS = {
     "vit_h_14": (14, 1280, 32, 16, 5120),
 }
 _ALIASES = {"vit_tiny_patch16_224": "vit_ti_16"}  # timm's name for the same model
+# Eval preprocessing of the reference weights: torchvision's ImageNet-1k weights (ImageNet
+# mean/std, 224 cropped from 256; vit_l_16 from 242); the sizes torchvision has no weights for
+# follow timm's augreg weights (inputs scaled to [-1, 1], crop_pct 0.9).
+_TIMM = dict(mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_fraction=0.9)
+_EVAL = {"vit_ti_16": _TIMM, "vit_s_16": _TIMM, "vit_l_16": dict(crop_fraction=224 / 242)}
 
 for _name, (_p, _d, _l, _h, _m) in _VARIANTS.items():
     _factory = functools.partial(VisionTransformer, patch_size=_p, hidden_size=_d, num_layers=_l,
                                  num_heads=_h, mlp_dim=_m)
     for _alias in [_name] + [a for a, target in _ALIASES.items() if target == _name]:
-        register_model(_alias, _factory, resolution=224, num_classes=1000)
+        register_model(_alias, _factory, head="head", weights="vit", **_EVAL.get(_name, {}))

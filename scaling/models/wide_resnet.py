@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from scaling.models.layers import Dtype, global_avg_pool, make_norm
-from scaling.models.registry import register_model
+from scaling.models.registry import CIFAR10_MEAN, CIFAR10_STD, register_model
 from scaling.models.resnet import classifier, torch_conv
 
 _BLOCK_TYPE = re.compile(r"^B\((\d+(?:,\d+)*)\)$")
@@ -130,8 +130,9 @@ class WideResNet(nn.Module):
         return classifier(x, self.num_classes, 0.0, train, self.dtype)
 
 
-register_model("wide_resnet", WideResNet, resolution=32, num_classes=10)
+_CIFAR = dict(head="fc", weights="wide_resnet", resolution=32, num_classes=10, mean=CIFAR10_MEAN,
+              std=CIFAR10_STD)
+register_model("wide_resnet", WideResNet, **_CIFAR)
 for _d, _k in ((16, 1), (16, 2), (16, 4), (16, 8), (22, 8), (28, 2), (28, 10),
                (40, 1), (40, 2), (40, 4), (40, 8)):
-    register_model(f"wrn_{_d}_{_k}", functools.partial(WideResNet, depth=_d, widen_factor=_k),
-                   resolution=32, num_classes=10)
+    register_model(f"wrn_{_d}_{_k}", functools.partial(WideResNet, depth=_d, widen_factor=_k), **_CIFAR)

@@ -5,13 +5,19 @@ the field and the allowed values.
 """
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 import ml_collections
 
-from scaling.models import check_model_name, model_fields
+from scaling.models import check_model_name, model_fields, model_info
 from scaling.train.finetune import validate_init_config
 from scaling.train.optim import OPTIMIZERS, SCHEDULES
+
+# The data fields that decide which examples a source holds (not how they are transformed).
+_SOURCE_FIELDS = ("source", "name", "data_dir", "path", "download", "val_fraction", "classes",
+                  "examples_per_class", "modality", "sample_rate")
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -54,10 +60,42 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+@functools.lru_cache(maxsize=8)
+def _open_source(key: str, split: str) -> tuple[int, int]:
+    from scaling.data import build_source
+
+    source = build_source(ml_collections.ConfigDict(json.loads(key)), split)
+    return source.num_classes, len(source)
+
+
+def open_splits(data: Any) -> int:
+    """Opens the training and evaluation splits of the `data` section (metadata only: file
+    lists, TFDS builders) so that a missing, empty or unprepared source fails now, before
+    anything is written; returns the number of classes. Opened once per source and split."""
+    key = json.dumps({k: data.get(k) for k in _SOURCE_FIELDS}, sort_keys=True)
+    num_classes, _ = _open_source(key, data.train_split)
+    _open_source(key, data.eval_split)
+    return num_classes
+
+
+def check_modality(config: Any) -> None:
+    """The model's input modality (its registry record) is the data section's."""
+    wants = model_info(config.model.name).modality
+    has = config.data.get("modality", "image")
+    if wants != has:
+        fix = ("use configs/wavenet.py, or an audio data section "
+               "(scaling.data.default_audio_data_config())" if wants == "audio" else
+               "choose an image model, or an image data section (configs/train.py)")
+        raise ValueError(f"model.name={config.model.name!r} takes {wants} input but the data "
+                         f"section describes {has} data (data.source={config.data.source!r}, "
+                         f"data.name={config.data.get('name')!r}); {fix}.")
+
+
 def validate_config(config: Any, num_devices: int | None = None) -> None:
-    """Checks a training config (model, data, train sections) before anything is compiled."""
+    """Checks a training config before anything is compiled or written: every field, the
+    data sources (opened, see `open_splits`) and the model (built, so its own checks run)."""
     from scaling.data import validate_data_config
-    from scaling.train.run import COMPUTE_DTYPES
+    from scaling.train.run import COMPUTE_DTYPES, build_model
 
     _check("model" in config and "name" in config.model, "model.name: missing; set the model to train.")
     check_model_name(config.model.name, "model.name")
@@ -67,6 +105,7 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
             raise ValueError(f"model.{k}: {config.model.name!r} has no field {k!r}. "
                              f"Its fields are: {', '.join(fields)}.")
     validate_data_config(config.data)
+    check_modality(config)
     validate_init_config(config)
     t = config.train
     _check(t.optimizer in OPTIMIZERS,
@@ -94,3 +133,5 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
                 lo, hi = (n // num_devices) * num_devices, (n // num_devices + 1) * num_devices
                 raise ValueError(f"train.{name}={n} is not divisible by the {num_devices} devices; "
                                  f"use a multiple of {num_devices} (e.g. {lo or hi} or {hi}).")
+    build_model(config.model, open_splits(config.data), t.compute_dtype,
+                image_size=config.data.get("image_size"))

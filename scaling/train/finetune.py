@@ -63,7 +63,7 @@ def default_init_config() -> ml_collections.ConfigDict:
 
 def validate_init_config(config: Any) -> None:
     """Raises ValueError naming the bad `init.*` field; a config without `init` trains from scratch."""
-    from scaling.models import create_model
+    from scaling.models import model_info
     from scaling.weights import FAMILIES, SOURCES
 
     init = config.get("init")
@@ -94,10 +94,9 @@ def validate_init_config(config: Any) -> None:
     if not path.lower().endswith(".safetensors") and importlib.util.find_spec("torch") is None:
         raise ValueError(f"init.path={path!r} is a PyTorch pickle and reading it needs torch, an "
                          "optional extra (pip install torch); or convert it to .safetensors.")
-    family = type(create_model(config.model.name)).__name__
-    if family not in FAMILIES:
-        raise ValueError(f"model.name: {config.model.name!r} ({family}) has no weight importer; "
-                         f"init.path works with: {', '.join(sorted(FAMILIES))}.")
+    if model_info(config.model.name).weights not in FAMILIES:
+        raise ValueError(f"model.name: {config.model.name!r} has no weight importer; init.path works "
+                         f"with the models of the families {', '.join(sorted(FAMILIES))}.")
 
 
 @contextlib.contextmanager
@@ -163,17 +162,17 @@ TRAIN_ALL = Plan()
 
 
 def make_plan(config: Any, model: Any, params: Any) -> Plan:
-    """The plan of `config.init` for `model` with (abstract) `params`."""
+    """The plan of `config.init` for `model` with (abstract) `params`. The heads are those of
+    the model's registry record (`ModelInfo.heads`) that `params` holds."""
     init = config.get("init")
     if init is None:
         return TRAIN_ALL
-    from scaling.weights import FAMILIES, head_paths
+    from scaling.models import info_of
 
     keys = list(flatten_dict(params))
-    heads: tuple[tuple[str, ...], ...] = ()
-    if type(model).__name__ in FAMILIES:
-        heads = tuple(h for h in (tuple(p.split("/")) for p in head_paths(model))
-                      if any(k[:len(h)] == h for k in keys))
+    info = info_of(model)
+    heads = tuple(h for h in (tuple(p.split("/")) for p in (info.heads if info else ()))
+                  if any(k[:len(h)] == h for k in keys))
     plan = Plan(init.mode, None, heads, float(init.head_lr_mult), float(init.backbone_lr_mult))
     if init.mode == "linear_probe":
         if not heads:

@@ -7,7 +7,8 @@
 
 One generic rule maps torch keys onto our module paths (a `Sequential` index joins the name
 before it: `layer1.0.conv1.weight` -> params/layer1_0/conv1/kernel, transposed); each family
-lists only its exceptions and its head (scaling.weights.families). Anything that does not
+lists only its exceptions (scaling.weights.families); a model's family and head are its
+registry record's (`scaling.models.model_info(name).weights`, `.heads`). Anything that does not
 fit raises one `WeightsMismatchError` listing every missing, unexpected and wrongly shaped
 tensor. Covered: resnet*, wide_resnet*, CIFAR resnet*/wrn_*/densenet_*, vgg* (+bn),
 alexnet/zfnet, googlenet, inception_v3, inception_v4, inception_resnet_v2, densenet*,

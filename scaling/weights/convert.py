@@ -41,7 +41,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from scaling.models import create_model
 from scaling.weights import io
-from scaling.weights.families import Naming, family_of, head_paths
+from scaling.weights.families import Naming, family_of, head_paths, record_of
 
 SOURCES = ("torchvision", "timm", "auto")
 SKIPPED_LEAVES = ("num_batches_tracked",)
@@ -199,10 +199,9 @@ def _cached_shapes(model, size: int):
 
 
 def _default_size(model) -> int:
-    if getattr(model, "image_size", None):
-        size = model.image_size
-        return size if isinstance(size, int) else size[0]
-    return 299 if type(model).__name__.startswith(("Inception", "GoogLeNet")) else 224
+    """A ViT's own `image_size`, else the model's registered resolution."""
+    size = getattr(model, "image_size", None) or record_of(model).resolution
+    return size if isinstance(size, int) else size[0]
 
 
 def from_state_dict(model: Any, state_dict: dict[str, np.ndarray], *, source: str = "auto",
@@ -215,12 +214,13 @@ def from_state_dict(model: Any, state_dict: dict[str, np.ndarray], *, source: st
     Linen module. `source`: 'torchvision' | 'timm' | 'auto' (the naming that fits best).
     `new_head`: keep the model's freshly initialised head (initialised from `rng`, default
     key 0, as `model.init` would) instead of the file's. `image_size` is the input side
-    used for shape inference (default: the model's own, 224, or 299 for Inception).
+    used for shape inference (default: a ViT's `image_size`, else the registered resolution).
     """
     if source not in SOURCES:
         raise ValueError(f"weights source: unknown {source!r}; use one of {', '.join(SOURCES)}.")
     name, model = _model(model, **overrides)
-    namings = family_of(model).namings(model)
+    family = family_of(model)
+    namings = family.namings(model)
     if source != "auto" and source not in namings:
         raise ValueError(f"weights source: {name} ({type(model).__name__}) follows "
                          f"{' / '.join(namings)} names; {source!r} state dicts are not supported "
@@ -235,7 +235,7 @@ def from_state_dict(model: Any, state_dict: dict[str, np.ndarray], *, source: st
     chosen = min(fits, key=lambda s: fits[s].problems)  # ties: the first (native) naming
     fit = fits[chosen]
     pos_embed = ("params", "pos_embed")
-    resize = (pos_embed in fit.wrong and type(model).__name__ == "VisionTransformer"
+    resize = (pos_embed in fit.wrong and family.resize_pos_embed
               and fit.flat[pos_embed].shape[-1] == expected[pos_embed].shape[-1])
     if resize:
         fit.wrong.remove(pos_embed)

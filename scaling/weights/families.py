@@ -1,5 +1,6 @@
-"""Per-family facts the generic importer needs: the head modules, and where a family's
-reference names depart from the generic rule.
+"""Per-family facts the generic importer needs: where a family's reference names depart from
+the generic rule. Which family a model belongs to, and its head modules, are the model's
+registry record's (`scaling.models.model_info(name).weights` and `.heads`).
 
 The generic rule (scaling.weights.convert): a torch key's components are our module path,
 with a numeric component (a `Sequential` index) joined to the one before it by '_'
@@ -13,7 +14,9 @@ suffixes again (`features_2` -> `features.2`). A family lists only its exception
 - `tree`: an import-only rename of a whole variable tree, where the mapping depends on a
   block's contents (EfficientNet timm -> torchvision names);
 - `split=False`: the family's names contain '_<digits>' that are not indices (Inception v3's
-  `branch7x7_2`), so exporting must not split them.
+  `branch7x7_2`), so exporting must not split them;
+- `resize_pos_embed`: the family has ViT position embeddings, which a file made for another
+  resolution gets interpolated to the model's grid.
 
 Spellings are templates over whole dot-separated components; `{i}` matches digits.
 """
@@ -24,6 +27,8 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+
+from scaling.models import ModelInfo, info_of
 
 Rule = tuple[str, str]
 
@@ -38,25 +43,17 @@ class Naming:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    heads: Callable[[nn.Module], tuple[str, ...]]
     # source -> Naming; the first source is the one our module names follow (exports use it).
     namings: Callable[[nn.Module], dict[str, Naming]]
     split: bool = True
+    resize_pos_embed: bool = False
 
 
 PLAIN = Naming()
 
 
-def _fixed(*heads: str) -> Callable[[nn.Module], tuple[str, ...]]:
-    return lambda model: heads
-
-
 def _only(*sources: str, naming: Naming = PLAIN) -> Callable[[nn.Module], dict[str, Naming]]:
     return lambda model: {s: naming for s in sources}
-
-
-def _by_naming_field(timm_head: str, torchvision_head: str) -> Callable[[nn.Module], tuple[str, ...]]:
-    return lambda model: (timm_head,) if model.naming == "timm" else (torchvision_head,)
 
 
 # ---------------------------------------------------------------------------- EfficientNet
@@ -136,38 +133,43 @@ _DENSENET = Naming(aliases=tuple((f"denselayer{{i}}.{m}.{{j}}", f"denselayer{{i}
                                  for m in ("norm", "relu", "conv")))
 _IRV2 = Naming(renames=(("repeat_1.{i}", "repeat.1.{i}"), ("repeat_2.{i}", "repeat.2.{i}")))
 
-# By the model's class name.
+# By the `weights` field of a model's registry record.
 FAMILIES: dict[str, Family] = {
-    "ResNet": Family(_fixed("fc"), _only("torchvision", "timm", naming=_RESNET)),
-    "CifarResNet": Family(_fixed("fc"), _only("torchvision", naming=_RESNET)),
-    "WideResNet": Family(_fixed("fc"), _only("torchvision", naming=_WRN)),
-    "VGG": Family(_fixed("classifier_6"), _only("torchvision")),
-    "AlexNet": Family(_fixed("classifier_6"), _only("torchvision")),
-    "DenseNet": Family(_fixed("classifier"), _only("torchvision", "timm", naming=_DENSENET)),
-    "CifarDenseNet": Family(_fixed("classifier"), _only("torchvision", naming=_DENSENET)),
-    "GoogLeNet": Family(_fixed("fc", "aux1/fc2", "aux2/fc2"), _only("torchvision")),
-    "InceptionV3": Family(_fixed("fc", "AuxLogits/fc"), _only("torchvision", "timm"), split=False),
-    "InceptionV4": Family(_fixed("last_linear"), _inception_v4),
-    "InceptionResNetV2": Family(_fixed("classif"), _only("timm", naming=_IRV2)),
-    "MobileNetV1": Family(_fixed("classifier"), _only("timm")),
-    "MobileNetV2": Family(_by_naming_field("classifier", "classifier_1"),
-                          lambda model: {model.naming: PLAIN}),
-    "MobileNetV3": Family(_fixed("classifier_3"), _only("torchvision")),
-    "EfficientNet": Family(_by_naming_field("classifier", "classifier_1"), _efficientnet),
-    "VisionTransformer": Family(_fixed("head"), lambda model: {
-        "timm": PLAIN, "torchvision": Naming(aliases=_vit_torchvision_aliases())}),
+    "resnet": Family(_only("torchvision", "timm", naming=_RESNET)),
+    "cifar_resnet": Family(_only("torchvision", naming=_RESNET)),
+    "wide_resnet": Family(_only("torchvision", naming=_WRN)),
+    "vgg": Family(_only("torchvision")),
+    "alexnet": Family(_only("torchvision")),
+    "densenet": Family(_only("torchvision", "timm", naming=_DENSENET)),
+    "cifar_densenet": Family(_only("torchvision", naming=_DENSENET)),
+    "googlenet": Family(_only("torchvision")),
+    "inception_v3": Family(_only("torchvision", "timm"), split=False),
+    "inception_v4": Family(_inception_v4),
+    "inception_resnet_v2": Family(_only("timm", naming=_IRV2)),
+    "mobilenet_v1": Family(_only("timm")),
+    "mobilenet_v2": Family(lambda model: {model.naming: PLAIN}),
+    "mobilenet_v3": Family(_only("torchvision")),
+    "efficientnet": Family(_efficientnet),
+    "vit": Family(lambda model: {"timm": PLAIN, "torchvision": Naming(aliases=_vit_torchvision_aliases())},
+                  resize_pos_embed=True),
 }
 
 
+def record_of(model: Any) -> ModelInfo:
+    """The registry record of `model` (a module), which must name a weight family."""
+    info = info_of(model)
+    if info is None or info.weights not in FAMILIES:
+        which = f" ({info.name})" if info is not None else ""
+        raise ValueError(f"weights: no importer for {type(model).__name__} models{which}; covered "
+                         f"families: {', '.join(sorted(FAMILIES))}.")
+    return info
+
+
 def family_of(model: Any) -> Family:
-    name = type(model).__name__
-    if name not in FAMILIES:
-        raise ValueError(f"weights: no importer for {name} models; covered families: "
-                         f"{', '.join(sorted(FAMILIES))}.")
-    return FAMILIES[name]
+    return FAMILIES[record_of(model).weights]
 
 
 def head_paths(model: Any) -> tuple[str, ...]:
     """The modules whose shapes depend on `num_classes` ('fc', 'classifier_1', 'aux1/fc2', ...),
-    whether or not this instance builds them (auxiliary heads are optional)."""
-    return family_of(model).heads(model)
+    whether or not this instance builds them (auxiliary heads are optional): the record's."""
+    return record_of(model).heads

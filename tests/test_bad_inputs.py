@@ -1,0 +1,245 @@
+"""Every bad input of a launch ends the same way: one line `error: ...` on stderr naming the
+problem and the fix, exit status 2, no traceback, and the workdir absent or empty.
+
+The cases run launch.py's `cli.main` in this process (a launch costs seconds, not the ~10 s of
+a fresh interpreter); `test_entry_point_prints_one_line` checks the script itself.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scaling import cli
+from tests.conftest import ROOT
+
+TRAIN = ["--config", "configs/train.py:test"]
+
+
+def launch(argv, workdir):
+    """launch.py's main, in this process; returns the experiment's result."""
+    return cli.main(["launch.py", *argv, "--workdir", str(workdir)])
+
+
+def assert_clean_error(capsys, workdir, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        launch(argv, workdir)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit_info.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], lines[0]
+    assert not workdir.exists() or not any(workdir.iterdir()), sorted(workdir.iterdir())
+    return lines[0]
+
+
+def write_images(folder, n, *, size=24, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg")
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    """Config files that fail in each way a file can."""
+    d = tmp_path_factory.mktemp("configs")
+    (d / "raises.py").write_text("def get_config(arg=None):\n    raise RuntimeError('no GPU quota')\n")
+    (d / "syntax.py").write_text("import ml_collections\n\ndef get_config(arg=None):\n    return (\n")
+    (d / "noconfig.py").write_text("x = 1\n")
+    return d
+
+
+# ----------------------------------------------------------------------------- config level
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "nosuch.py"], "--config nosuch.py: no such file 'nosuch.py'"),
+    (["--config", "configs/trian.py"], "did you mean configs/train.py"),
+    (["--config", "configs/train.py:nosuchpreset"], "unknown preset 'nosuchpreset'"),
+    ([*TRAIN, "--config.nosuchfield=1"], "--config.nosuchfield: the config has no field 'nosuchfield'"),
+    ([*TRAIN, "--config.lr=0.1"], "did you mean --config.train.lr?"),
+    ([*TRAIN, "--config.train.lr=abc"], "--config.train.lr='abc': train.lr takes a number"),
+    ([*TRAIN, "--config.train.batch_size=1.5"], "train.batch_size takes an integer"),
+    ([*TRAIN, "--config.data.flip=maybe"], "data.flip takes true or false"),
+    ([*TRAIN, "--config.train.lr"], "--config.train.lr needs a value"),
+    ([*TRAIN, "--config.model.name"], "--config.model.name needs a model name"),
+    ([*TRAIN, "--config.train.optimzer=adam"], "did you mean --config.train.optimizer?"),
+    ([*TRAIN, "--config.train.lr.x=1"], "train.lr is a value, not a section"),
+    ([*TRAIN, "--workdri=x"], "Unknown command line flag 'workdri'"),
+    (["--config.train.lr=0.1"], "--config is required"),
+])
+def test_config_argument_errors(capsys, tmp_path, argv, message):
+    assert_clean_error(capsys, tmp_path / "w", argv, message)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("raises.py", "get_config raised RuntimeError: no GPU quota"),
+    ("syntax.py", "syntax error at line 4"),
+    ("noconfig.py", "defines no get_config(arg)"),
+])
+def test_broken_config_files(capsys, tmp_path, configs, name, message):
+    assert_clean_error(capsys, tmp_path / "w", ["--config", str(configs / name)], message)
+
+
+# ----------------------------------------------------------------------------- values
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.depth=11", "model.depth"),
+    ("--config.model.widen_factor=-1", "model.widen_factor must be > 0"),
+    ("--config.data.image_size=0", "data.image_size=0 is invalid"),
+    ("--config.train.optimizer=adamm", "train.optimizer: unknown 'adamm'"),
+    ("--config.train.schedule=linear", "train.schedule: unknown 'linear'"),
+    ("--config.train.compute_dtype=float16", "train.compute_dtype: unknown 'float16'"),
+    ("--config.model.name=resnet5O", "model.name: unknown model 'resnet5O'"),
+    ("--config.train.batch_size=12", "train.batch_size=12 is not divisible by the 8 devices"),
+])
+def test_bad_values(capsys, tmp_path, override, message):
+    assert_clean_error(capsys, tmp_path / "w", [*TRAIN, override], message)
+
+
+# ----------------------------------------------------------------------------- data
+FOLDER = [*TRAIN, "--config.data.source=folder"]
+
+
+def test_folder_without_path(capsys, tmp_path):
+    assert_clean_error(capsys, tmp_path / "w", FOLDER, "data.path is not set")
+
+
+def test_folder_missing_path(capsys, tmp_path):
+    assert_clean_error(capsys, tmp_path / "w", [*FOLDER, f"--config.data.path={tmp_path}/photos"],
+                       "does not exist")
+
+
+def test_folder_empty_directory(capsys, tmp_path):
+    (tmp_path / "photos").mkdir()
+    assert_clean_error(capsys, tmp_path / "w", [*FOLDER, f"--config.data.path={tmp_path}/photos"],
+                       f"data.path={str(tmp_path / 'photos')!r}")
+
+
+def test_folder_with_one_class(capsys, tmp_path):
+    write_images(tmp_path / "photos" / "cats", 12)
+    line = assert_clean_error(capsys, tmp_path / "w",
+                              [*FOLDER, f"--config.data.path={tmp_path}/photos"], "data.path")
+    assert "class" in line
+
+
+def test_folder_with_random_byte_jpegs_runs_with_a_warning_or_stops_clean(capsys, caplog, tmp_path):
+    """30 good JPEGs per class and 3 files of random bytes named .jpg: either refused up front
+    (one line) or trained on with one warning that names them."""
+    rng = np.random.default_rng(1)
+    for c in ("cats", "dogs"):
+        write_images(tmp_path / "photos" / c, 30, seed=len(c))
+        for i in range(3):
+            (tmp_path / "photos" / c / f"bad{i}.jpg").write_bytes(rng.bytes(2000))
+    argv = [*FOLDER, f"--config.data.path={tmp_path}/photos", "--config.train.num_steps=2",
+            "--config.data.examples_per_class=0"]
+    try:
+        result = launch(argv, tmp_path / "w")
+    except SystemExit as e:
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.code == 2 and len(lines) == 1 and "bad0.jpg" in lines[0], lines
+        return
+    assert result["status"] == "done"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "bad" in r.getMessage()]
+    assert len(warnings) == 1 and "6" in warnings[0], warnings
+
+
+TFDS = [*TRAIN, "--config.data.source=tfds"]
+
+
+def test_tfds_name_that_does_not_exist(capsys, tmp_path):
+    assert_clean_error(capsys, tmp_path / "w", [*TFDS, "--config.data.name=cifar11"],
+                       "data.name='cifar11' is not a TFDS dataset")
+
+
+def test_tfds_set_not_prepared(capsys, tmp_path):
+    (tmp_path / "tfds").mkdir()
+    assert_clean_error(capsys, tmp_path / "w", [*TFDS, "--config.data.name=cifar10",
+                                                f"--config.data.data_dir={tmp_path}/tfds"],
+                       "is not prepared")
+
+
+# ----------------------------------------------------------------------------- workdir
+def test_workdir_is_a_file(capsys, tmp_path):
+    (tmp_path / "w").write_text("notes")
+    with pytest.raises(SystemExit) as exit_info:
+        launch(TRAIN, tmp_path / "w")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1
+    assert lines[0] == f"error: --workdir {tmp_path / 'w'} is a file, not a directory; give a new or existing run directory."
+    assert (tmp_path / "w").read_text() == "notes"
+
+
+# ----------------------------------------------------------------------------- grids
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "configs/wrn_grid.py", "--config.sweep.axes.k=()"], "sweep.axes.k: empty"),
+    (["--config", "configs/efficientnet_grid.py", "--config.sweep.constraint=alpha > 100"],
+     "no point satisfies the constraint"),
+    (["--config", "configs/wrn_grid.py", "--config.sweep.constraint=depth = 10"],
+     "sweep.constraint: 'depth = 10' is not a Python expression"),
+    (["--config", "configs/wrn_grid.py", "--config.grid.num_workers=2", "--config.grid.worker=2"],
+     "grid.worker=2 must be in [0, grid.num_workers=2)"),
+])
+def test_grid_errors(capsys, tmp_path, argv, message):
+    assert_clean_error(capsys, tmp_path / "w", argv, message)
+
+
+# ----------------------------------------------------------------------------- transfer
+def test_transfer_folder_with_missing_weights(capsys, tmp_path):
+    for c in ("cats", "dogs"):
+        write_images(tmp_path / "photos" / c, 10)
+    assert_clean_error(capsys, tmp_path / "w", [
+        "--config", "configs/transfer.py:folder", f"--config.data.path={tmp_path}/photos",
+        f"--config.init.path={tmp_path}/resnet18.safetensors"], "does not exist")
+
+
+def test_transfer_folder_without_weights(capsys, tmp_path):
+    for c in ("cats", "dogs"):
+        write_images(tmp_path / "photos" / c, 10)
+    assert_clean_error(capsys, tmp_path / "w", [
+        "--config", "configs/transfer.py:folder", f"--config.data.path={tmp_path}/photos"],
+        "init.path: set the pretrained weights")
+
+
+def test_transfer_default_refuses_an_init_path_it_would_ignore(capsys, tmp_path):
+    assert_clean_error(capsys, tmp_path / "w", [
+        "--config", "configs/transfer.py", f"--config.init.path={tmp_path}/w.safetensors"],
+        "transfer.pretrain.enabled=True trains the weights here")
+
+
+# ----------------------------------------------------------------------------- relaunch
+def test_relaunch_with_a_changed_config_stops_and_names_the_fields(capsys, tmp_path):
+    workdir = tmp_path / "w"
+    config = cli.load_config("configs/train.py:test", [("train.lr", "0.05")])
+    workdir.mkdir()
+    recorded = cli.check_relaunch(config, str(workdir), accept_change=False)
+    (workdir / cli.LAUNCH_RECORD).write_text(json.dumps(recorded))
+    before = (workdir / cli.LAUNCH_RECORD).read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        launch([*TRAIN, "--config.train.lr=0.1", "--config.data.workers=1"], workdir)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert "(train.lr: 0.05 -> 0.1)" in lines[0] and "data.workers" not in lines[0]
+    assert "--accept_config_change" in lines[0]
+    assert sorted(p.name for p in workdir.iterdir()) == [cli.LAUNCH_RECORD]
+    assert (workdir / cli.LAUNCH_RECORD).read_text() == before
+    # accepted: the new config is the one to compare with from now on
+    changed = cli.load_config("configs/train.py:test", [("train.lr", "0.1")])
+    assert cli.check_relaunch(changed, str(workdir), accept_change=True)["train"]["lr"] == 0.1
+    # a model switch lists the fields that went and came
+    switched = cli.load_config("configs/train.py:test", [("model.name", "resnet18")])
+    changes = cli.config_changes(recorded, json.loads(switched.to_json()))
+    assert "model.name: \"wide_resnet\" -> \"resnet18\"" in changes
+    assert "model.convs_per_block: 1 -> (absent)" in changes
+
+
+# ----------------------------------------------------------------------------- the script
+def test_entry_point_prints_one_line(tmp_path):
+    """python launch.py itself: one line, status 2, for an error in the config file and one
+    in the workdir."""
+    (tmp_path / "file").write_text("")
+    for argv in (["--config", "nosuch.py"], [*TRAIN, "--workdir", str(tmp_path / "file")]):
+        p = subprocess.run([sys.executable, str(ROOT / "launch.py"), *argv], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr
