@@ -1,9 +1,13 @@
 """Input pipeline: sources, deterministic order, host slicing, augmentation, eval, prefetch."""
 import io
+import logging
 import os
+import re
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 
 import numpy as np
 import pytest
@@ -49,7 +53,7 @@ def test_embedded_splits_are_real_cifar10():
     assert 100 < images.mean() < 140 and images.min() == 0 and images.max() == 255
     assert images.reshape(2_000, -1).std(axis=1).min() > 5
     # Per-channel mean matches the default normalisation constants to 0.02.
-    np.testing.assert_allclose(images.mean((0, 1, 2)) / 255, config().mean, atol=0.02)
+    np.testing.assert_allclose(images.mean((0, 1, 2)) / 255, augment.Transform.mean, atol=0.02)
     with pytest.raises(ValueError, match="validation"):
         data.embedded_source("test")
 
@@ -266,6 +270,195 @@ def test_folder_source_on_cifar_jpegs_matches_embedded(shared_dir, tmp_path):
                                expect / 255, atol=1e-5)
 
 
+def _jpeg_folder(root, classes, n, bad_per_class=0, size=(24, 20)):
+    """n JPEGs of noise per class (named 000.jpg ...) plus `bad_per_class` random-byte .jpg."""
+    rng = np.random.default_rng(1)
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i:03d}.jpg", quality=90)
+        for i in range(bad_per_class):
+            (root / c / f"random{i}.jpg").write_bytes(rng.bytes(5000))
+
+
+def test_folder_skips_undecodable_files_with_one_warning(tmp_path, caplog):
+    root = tmp_path / "photos"
+    _jpeg_folder(root, ["cat", "dog"], 10, bad_per_class=1)
+    good = (root / "cat" / "000.jpg").read_bytes()
+    (root / "dog" / "005_cut.jpg").write_bytes(good[:len(good) // 2])      # truncated
+    (root / "dog" / "empty.png").write_bytes(b"")
+    cfg = config(source="folder", path=str(root), image_size=16, val_fraction=0.2)
+    with caplog.at_level(logging.WARNING, logger="scaling.data"):
+        train = data.build_dataset(cfg, "train", train=True, seed=0)
+        val = data.build_dataset(cfg, "validation", train=False, seed=0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings          # one warning for the folder, not one per split
+    assert "skipping 4 of 24 files" in warnings[0]
+    assert ("cat/random0.jpg (UnidentifiedImageError: cannot identify image file); "
+            "dog/005_cut.jpg (OSError: ") in warnings[0]
+    assert "and 1 more" in warnings[0]
+    # The bad files go before the cut: each class keeps 8 train + 2 validation readable images.
+    names = lambda ds: [os.path.relpath(p, root) for p in ds.source.paths]   # noqa: E731
+    assert names(train) == [f"{c}/{i:03d}.jpg" for c in ("cat", "dog") for i in range(8)]
+    assert names(val) == [f"{c}/{i:03d}.jpg" for c in ("cat", "dog") for i in (8, 9)]
+    assert train.source.labels().tolist() == [0] * 8 + [1] * 8
+    # Every batch decodes: an epoch of training and the whole eval split.
+    for step in range(4):
+        assert np.isfinite(train.train_batch(step, 4)["image"]).all()
+    assert sum(b["mask"].sum() for b in val.eval_batches(3)) == 4
+    # Reopening is free and silent and gives the same batches; a repaired file is checked
+    # again and comes back.
+    caplog.clear()
+    again = data.build_dataset(cfg, "train", train=True, seed=0)
+    assert not caplog.records
+    assert_batches_equal(again.train_batch(3, 4), train.train_batch(3, 4))
+    (root / "dog" / "005_cut.jpg").write_bytes(good)
+    assert len(data.build_source(cfg, "validation")) == 4   # 11 readable dog files: 9 + 2
+    assert "dog/005_cut.jpg" not in names(data.build_dataset(cfg, "validation", train=False, seed=0))
+
+
+def test_folder_of_good_and_random_byte_jpegs_trains(tmp_path):
+    """30 good JPEGs and 3 random-byte .jpg files per class: trains on the good ones."""
+    _jpeg_folder(tmp_path, ["a", "b"], 30, bad_per_class=3)
+    cfg = config(source="folder", path=str(tmp_path), image_size=16)
+    train = data.build_dataset(cfg, "train", train=True, seed=0)
+    val = data.build_dataset(cfg, "validation", train=False, seed=0)
+    assert (len(train), len(val)) == (54, 6)
+    assert not any("random" in os.path.basename(p) for p in train.source.paths + val.source.paths)
+    batches = [train.train_batch(step, 18) for step in range(3)]           # one epoch
+    assert sorted(np.concatenate([train.indices(s, 18) for s in range(3)])) == list(range(54))
+    assert all(b["image"].shape == (18, 16, 16, 3) for b in batches)
+
+
+def test_folder_of_only_undecodable_files_is_refused(tmp_path):
+    _jpeg_folder(tmp_path, ["a", "b"], 0, bad_per_class=2)
+    with pytest.raises(ValueError, match=r"data.path=.*none of its 4 files can be decoded: "
+                                         r"a/random0.jpg \(UnidentifiedImageError"):
+        data.build_source(config(source="folder", path=str(tmp_path)), "train")
+
+
+@pytest.mark.parametrize("files, message", [
+    ((), r" has no class folders \(it has no sub-folders\)"),
+    (("x.jpg",), r" has no class folders \(its 1 files must go into one sub-folder per class\)"),
+    (("roses/a.jpg",), r" has one class folder \('roses'\), but classification needs at least 2"),
+    (("train/roses/a.jpg", "val/roses/b.jpg"), r": train/ has one class folder \('roses'\)"),
+    (("a/notes.txt", "b/x.csv"), r": split 'train' has no images"),
+])
+def test_folder_layout_errors_name_data_path(tmp_path, files, message):
+    for name in files:
+        os.makedirs((tmp_path / name).parent, exist_ok=True)
+        if name.endswith(".jpg"):
+            Image.new("RGB", (4, 4)).save(tmp_path / name)
+        else:
+            (tmp_path / name).write_text("not an image")
+    with pytest.raises(ValueError, match=rf"^data.path={re.escape(repr(str(tmp_path)))}{message}"):
+        data.build_source(config(source="folder", path=str(tmp_path)), "train")
+
+
+def test_folder_path_missing_unset_or_a_file(tmp_path):
+    with pytest.raises(ValueError, match=r"^data.path is not set.*--config.data.path="):
+        data.build_source(config(source="folder"), "train")
+    with pytest.raises(ValueError, match=r"^data.path='/nonexistent/photos' does not exist"):
+        data.build_source(config(source="folder", path="/nonexistent/photos"), "train")
+    (tmp_path / "file.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"data.path='.*file.jpg' is a file, not a directory"):
+        data.validate_data_config(config(source="folder", path=str(tmp_path / "file.jpg")))
+
+
+def test_folder_path_expands_home(tmp_path, monkeypatch):
+    _jpeg_folder(tmp_path / "photos", ["a", "b"], 2)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    source = data.build_source(config(source="folder", path="~/photos", val_fraction=0.0), "train")
+    assert len(source) == 4 and source.paths[0].startswith(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- image modes
+def _encoded(img, fmt, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _png16_rgb(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG written byte by byte (PIL writes 16-bit grayscale only)."""
+    height, width, _ = pixels.shape
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _over_white(rgb, alpha):
+    rgb, alpha = np.asarray(rgb, float), np.asarray(alpha, float)[..., None] / 255
+    return rgb * alpha + 255 * (1 - alpha)
+
+
+def _decoded(encoded: bytes) -> np.ndarray:
+    out = data.decode_image(encoded)
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+    # The check that runs when a folder is opened reads every kind too.
+    data.sources.read_image(io.BytesIO(encoded), reduced=True)
+    return out.astype(int)
+
+
+def test_grayscale_bilevel_and_palette_images_become_rgb():
+    gray = np.array([[0, 17, 128, 255]], np.uint8)
+    np.testing.assert_array_equal(_decoded(_encoded(Image.fromarray(gray), "PNG")),
+                                  np.repeat(gray[..., None], 3, -1))
+    bits = Image.fromarray(np.array([[0, 255, 255, 0]], np.uint8)).convert("1")
+    np.testing.assert_array_equal(_decoded(_encoded(bits, "PNG"))[0, :, 0], [0, 255, 255, 0])
+    palette = Image.fromarray(np.array([[0, 1, 2, 1]], np.uint8), "P")
+    palette.putpalette([200, 10, 20, 5, 150, 60, 0, 0, 255] + [0] * 759)
+    expected = [[200, 10, 20], [5, 150, 60], [0, 0, 255], [5, 150, 60]]
+    np.testing.assert_array_equal(_decoded(_encoded(palette, "PNG"))[0], expected)
+    np.testing.assert_array_equal(_decoded(_encoded(palette, "GIF"))[0], expected)
+    # A transparent palette entry shows the white background.
+    np.testing.assert_array_equal(_decoded(_encoded(palette, "PNG", transparency=1))[0],
+                                  [[200, 10, 20], [255] * 3, [0, 0, 255], [255] * 3])
+
+
+def test_alpha_images_are_composited_over_white():
+    rgb = np.array([[[200, 100, 0], [10, 20, 30], [90, 180, 250], [0, 0, 0]]], np.uint8)
+    alpha = np.array([[255, 0, 128, 64]], np.uint8)
+    rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    np.testing.assert_allclose(_decoded(_encoded(rgba, "PNG")), _over_white(rgb, alpha), atol=1)
+    np.testing.assert_allclose(_decoded(_encoded(rgba, "WEBP", lossless=True)),
+                               _over_white(rgb, alpha), atol=1)
+    gray = rgb[..., 1]
+    la = Image.fromarray(np.dstack([gray, alpha]), "LA")
+    np.testing.assert_allclose(_decoded(_encoded(la, "PNG")),
+                               _over_white(np.repeat(gray[..., None], 3, -1), alpha), atol=1)
+    # Fully opaque RGBA keeps its pixels exactly.
+    opaque = Image.fromarray(np.dstack([rgb, np.full_like(alpha, 255)]), "RGBA")
+    np.testing.assert_array_equal(_decoded(_encoded(opaque, "PNG")), rgb)
+
+
+def test_cmyk_images_become_rgb():
+    cmyk = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 0, 0, 255], [100, 50, 25, 60]]], np.uint8)
+    c, m, y, k = np.moveaxis(cmyk.astype(float), -1, 0)
+    expected = np.stack([(255 - c) * (255 - k), (255 - m) * (255 - k), (255 - y) * (255 - k)],
+                        -1) / 255                                   # [[white, cyan, black, ...]]
+    image = Image.fromarray(cmyk, "CMYK")
+    np.testing.assert_allclose(_decoded(_encoded(image, "TIFF")), expected, atol=1)
+    # CMYK JPEG (stored with Adobe's inverted convention): flat 16x16 blocks survive it.
+    blocks = Image.fromarray(np.kron(cmyk[0][None], np.ones((16, 16, 1), np.uint8)), "CMYK")
+    decoded = _decoded(_encoded(blocks, "JPEG", quality=95))
+    np.testing.assert_allclose(decoded[8, 8::16], expected[0], atol=4)
+
+
+def test_sixteen_bit_pngs_keep_their_high_byte():
+    values = np.array([[0, 255, 256, 257 * 100, 40000, 65535]], np.uint16)
+    high = (values >> 8).astype(int)                               # [0, 0, 1, 100, 156, 255]
+    gray16 = _encoded(Image.fromarray(values), "PNG")
+    assert Image.open(io.BytesIO(gray16)).mode.startswith("I")   # really a 16-bit PNG
+    np.testing.assert_array_equal(_decoded(gray16), np.repeat(high[..., None], 3, -1))
+    rgb16 = np.stack([values, values[:, ::-1], np.full_like(values, 0x8000)], -1)
+    np.testing.assert_array_equal(_decoded(_png16_rgb(rgb16)), rgb16 >> 8)
+
+
 # ----------------------------------------------------------------------------- tfds
 def test_tfds_source_with_mock_data():
     from scaling.data.tfds_source import import_tfds
@@ -291,10 +484,21 @@ def test_tfds_source_with_mock_data():
             data.validate_data_config(config(source="tfds", name="cifar_10"))
 
 
-def test_tfds_unprepared_dataset_says_how_to_prepare(tmp_path):
+def test_tfds_unprepared_dataset_says_how_to_prepare(tmp_path, monkeypatch):
+    from scaling.data.tfds_source import TfdsSource, import_tfds
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(import_tfds().core.DatasetBuilder, "download_and_prepare", no_network)
     cfg = config(source="tfds", name="cifar10", data_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="not prepared.*data.download=True"):
+    with pytest.raises(ValueError, match=rf"^data.name='cifar10' is not prepared in "
+                                         rf"data.data_dir={tmp_path}: .*data.download=True"):
         data.build_dataset(cfg, "train", train=True, seed=0)
+    assert not os.listdir(tmp_path)                        # nothing written into data_dir
+    with pytest.raises(ValueError, match=r"^data.name='cifar_10' is not a TFDS dataset: "
+                                         r"did you mean cifar10"):
+        TfdsSource("cifar_10", "train", str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- config
@@ -303,7 +507,6 @@ def test_tfds_unprepared_dataset_says_how_to_prepare(tmp_path):
     (dict(crop="center"), r"data.crop='center'.*pad_crop, random_resized, none"),
     (dict(image_size=0), r"data.image_size=0"),
     (dict(source="folder"), r"data.path is not set.*--config.data.path="),
-    (dict(source="folder", path="/nonexistent/photos"), r"data.path='/nonexistent/photos'"),
     (dict(classes=(1, 1)), r"data.classes"),
     (dict(name="cifar100"), r"data.name='cifar100'.*data.source='tfds'"),
     (dict(crop_fraction=1.5), r"data.crop_fraction"),

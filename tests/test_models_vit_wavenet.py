@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 
+from scaling.data.audio import mu_law_decode, mu_law_encode
 from scaling.models import create_model, list_models
 from scaling.models.vit import VisionTransformer, resize_pos_embed
-from scaling.models.wavenet import WaveNet, mu_law_decode, mu_law_encode
+from scaling.models.wavenet import WaveNet
 from scaling.weights import from_state_dict
 from tests.helpers import FAST_COMPILE, check_reference_counts, tiny_train_step
 
@@ -174,7 +175,7 @@ def test_wavenet_registry_and_layout():
 
 @pytest.mark.parametrize("task, include_top, shape", [
     ("classify", True, (2, 6)), ("classify", False, (2, 8)),
-    ("predict", True, (2, 64, 6)), ("predict", False, (2, 64, 8))])
+    ("predict", True, (2, 64, 256)), ("predict", False, (2, 64, 8))])   # 256 mu-law classes
 def test_wavenet_output_shapes(task, include_top, shape):
     model = tiny_wavenet(task=task, include_top=include_top)
     v = shapes(model, (64, 1), batch=2)

@@ -127,9 +127,12 @@ class Transform:
 
     @classmethod
     def from_config(cls, cfg, native: int | None) -> "Transform":
+        """From a data section; its unset (None) fields keep the defaults above."""
         names = [f.name for f in dataclasses.fields(cls) if f.name != "native"]
-        values = {n: cfg[n] for n in names}
-        values["mean"], values["std"] = tuple(cfg.mean), tuple(cfg.std)
+        values = {n: cfg[n] for n in names if cfg[n] is not None}
+        for n in ("mean", "std"):
+            if n in values:
+                values[n] = tuple(values[n])
         return cls(native=native, **values)
 
     # ----------------------------------------------------------------- geometry

@@ -30,9 +30,13 @@ def default_data_config() -> ml_collections.ConfigDict:
         flip=True,                    # random horizontal flip
         rotation=0.0,                 # max degrees of random rotation
         color_jitter=0.0,             # brightness / contrast / saturation strength
-        crop_fraction=0.875,          # eval: resize shorter side to image_size / crop_fraction
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
+        # Normalisation (R, G, B on the 0-1 scale) and eval crop (the shorter side is resized to
+        # image_size / crop_fraction). None: the model's, from its registry record (CIFAR-10
+        # statistics for the CIFAR families, ImageNet's for torchvision models, ...); without a
+        # model (build_dataset alone) the embedded CIFAR-10 statistics and 0.875.
+        crop_fraction=config_dict.placeholder(float),
+        mean=config_dict.placeholder(tuple),
+        std=config_dict.placeholder(tuple),
         classes=(),                   # class indices to keep, relabelled 0..n-1; () = all
         examples_per_class=0,         # first n of each class; 0 = all
         val_fraction=0.1,             # folder without split dirs: last fraction of each class
@@ -50,6 +54,10 @@ def _is_int(value) -> bool:
 
 def validate_data_config(cfg) -> None:
     """Raises ValueError naming the first bad `data.*` field and what it accepts."""
+    if cfg.get("modality", "image") == "audio":
+        from scaling.data.audio import validate_audio_data_config
+
+        return validate_audio_data_config(cfg)
     if cfg.source not in SOURCES:
         _fail("source", cfg.source, f"allowed values are {', '.join(SOURCES)}")
     if cfg.crop not in CROPS:
@@ -63,12 +71,13 @@ def validate_data_config(cfg) -> None:
     for field in ("rotation", "color_jitter"):
         if not cfg[field] >= 0:
             _fail(field, cfg[field], "must be >= 0 (0 turns it off)")
-    if not 0 < cfg.crop_fraction <= 1:
-        _fail("crop_fraction", cfg.crop_fraction, "must be in (0, 1]")
+    if cfg.crop_fraction is not None and not 0 < cfg.crop_fraction <= 1:
+        _fail("crop_fraction", cfg.crop_fraction, "must be in (0, 1], or None for the model's")
     for field in ("mean", "std"):
-        if len(cfg[field]) != 3:
-            _fail(field, cfg[field], "must have 3 values (R, G, B) on the 0-1 scale")
-    if min(cfg.std) <= 0:
+        if cfg[field] is not None and len(cfg[field]) != 3:
+            _fail(field, cfg[field], "must have 3 values (R, G, B) on the 0-1 scale, or None for "
+                  "the model's")
+    if cfg.std is not None and min(cfg.std) <= 0:
         _fail("std", cfg.std, "every value must be > 0")
     classes = tuple(cfg.classes or ())
     if (not all(_is_int(c) and c >= 0 for c in classes)) or len(set(classes)) != len(classes):
@@ -88,13 +97,18 @@ def validate_data_config(cfg) -> None:
         check_tfds_name(cfg.name)
 
 
-def check_folder_path(path) -> None:
+def check_folder_path(path) -> str:
+    """`data.path` with `~` expanded; raises ValueError when it is unset, missing or a file."""
     fix = ("set --config.data.path=/path/to/images, a directory laid out as <path>/<class>/*.jpg "
            "(optionally <path>/train/<class>/ and <path>/val/<class>/)")
     if not path:
         raise ValueError(f"data.path is not set but data.source='folder' needs it: {fix}")
-    if not os.path.isdir(path):
-        raise ValueError(f"data.path={path!r} is not a directory: {fix}")
+    expanded = os.path.expanduser(str(path))
+    if not os.path.exists(expanded):
+        raise ValueError(f"data.path={path!r} does not exist: {fix}")
+    if not os.path.isdir(expanded):
+        raise ValueError(f"data.path={path!r} is a file, not a directory: {fix}")
+    return expanded
 
 
 def check_tfds_name(name: str) -> None:
@@ -103,7 +117,7 @@ def check_tfds_name(name: str) -> None:
 
     tfds = import_tfds()
     base = str(name).split(":")[0].split("/")[0]
-    known = tfds.list_builders()
+    known = tfds.list_builders(with_community_datasets=False)  # community: a network lookup
     if base not in known:
         close = difflib.get_close_matches(base, known, n=5, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}? " if close else ""

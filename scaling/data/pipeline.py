@@ -49,7 +49,7 @@ class Dataset:
         self.num_examples = len(source)
         self.num_classes = source.num_classes
         self.class_names = tuple(source.class_names)
-        self.image_size = transform.image_size
+        self.image_size = getattr(transform, "image_size", None)   # None: not images
         self._permutation = functools.lru_cache(maxsize=4)(self._make_permutation)
 
     def __repr__(self) -> str:
@@ -133,6 +133,10 @@ class Dataset:
 
 def build_source(data_cfg, split: str) -> Source:
     """The configured source for `split`, with class / examples-per-class filters applied."""
+    from scaling.data import audio
+
+    if audio.is_audio(data_cfg):
+        return audio.build_source(data_cfg, split)
     if data_cfg.source == "embedded":
         source = embedded_source(split)
     elif data_cfg.source == "folder":
@@ -148,11 +152,26 @@ def build_source(data_cfg, split: str) -> Source:
 
 def build_dataset(data_cfg, split: str, *, train: bool, seed: int) -> Dataset:
     """Validates `data_cfg` and returns split `split`; `train` turns on augmentation."""
+    from scaling.data import audio
+
+    if audio.is_audio(data_cfg):
+        return audio.build_dataset(data_cfg, split, train=train, seed=seed)
     validate_data_config(data_cfg)
     source = build_source(data_cfg, split)
     transform = augment.Transform.from_config(data_cfg, native=source.image_size)
     return Dataset(source, transform, split=split, train=train, seed=seed,
                    workers=data_cfg.workers)
+
+
+def example_spec(data_cfg) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape (without the batch dimension) and dtype of each field of a batch: image and label,
+    or for audio data audio, label and next_sample (`scaling.data.audio`)."""
+    from scaling.data import audio
+
+    if audio.is_audio(data_cfg):
+        return audio.example_spec(data_cfg)
+    size = data_cfg.image_size
+    return {"image": ((size, size, 3), np.float32), "label": ((), np.int32)}
 
 
 # --------------------------------------------------------------------------- prefetch

@@ -6,6 +6,8 @@ the same path as the folder source. TensorFlow is imported only here, CPU-only.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from scaling.data.sources import decode_image
@@ -24,6 +26,18 @@ def import_tfds():
     return tfds
 
 
+def _is_prepared(builder) -> bool:
+    """`builder.is_prepared()` without TFDS's warning for each missing version folder (the
+    error that follows says what is missing)."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        return builder.is_prepared()
+    finally:
+        absl_log.setLevel(level)
+
+
 def _prepare_hint(name: str, data_dir: str | None) -> str:
     where = f" --data_dir={data_dir}" if data_dir else ""
     return (f"set --config.data.download=True to download and prepare it, or run "
@@ -36,7 +50,13 @@ class TfdsSource:
 
     def __init__(self, name: str, split: str, data_dir: str | None = None, download: bool = False):
         tfds = import_tfds()
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        try:
+            builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        except tfds.core.registered.DatasetNotFoundError:
+            from scaling.data.config import check_tfds_name
+
+            check_tfds_name(name)  # raises, naming the closest datasets
+            raise
         keys = builder.info.supervised_keys
         if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)):
             raise ValueError(f"data.name={name!r}: TFDS dataset has supervised keys {keys!r}, "
@@ -49,17 +69,17 @@ class TfdsSource:
         self.num_classes = len(self.class_names)
         shape = builder.info.features[self.image_key].shape
         self.image_size = shape[0] if shape[0] is not None and shape[0] == shape[1] else None
-        if download and not builder.is_prepared():
+        if download and not _is_prepared(builder):
             builder.download_and_prepare(file_format="array_record")
-        try:
+        try:  # reads local files only: nothing is downloaded without data.download
             self._data = builder.as_data_source(
                 split=split, decoders={self.image_key: tfds.decode.SkipDecoding()})
         except Exception as e:  # tfds raises KeyError/ValueError/NotImplementedError here
-            if not builder.is_prepared():
-                raise ValueError(f"TFDS dataset {name!r} is not prepared in data_dir "
+            if not _is_prepared(builder):
+                raise ValueError(f"data.name={name!r} is not prepared in data.data_dir="
                                  f"{builder.data_dir_root}: {_prepare_hint(name, data_dir)}") from e
             if isinstance(e, NotImplementedError):
-                raise ValueError(f"TFDS dataset {name!r} in {builder.data_dir} is not in the "
+                raise ValueError(f"data.name={name!r} in {builder.data_dir} is not in the "
                                  f"array_record format needed for random access: "
                                  f"{_prepare_hint(name, data_dir)} into a new data.data_dir") from e
             raise ValueError(f"split {split!r} of TFDS dataset {name!r} cannot be read ({e}); "

@@ -1,7 +1,8 @@
 """WaveNet (van den Oord et al. 2016): stacked dilated causal 1-D convolutions on raw audio.
 
-Input [N, T, C] float (C = 1 for a raw waveform, or a one-hot / embedded mu-law signal);
-[N, T] is taken as C = 1. Layout:
+Input [N, T, C] float (C = 1 for a raw waveform; the audio pipeline gives the mu-law quantised
+signal as its companded level in [-1, 1], see scaling.data.audio); [N, T] is taken as C = 1.
+Layout:
 
     causal input conv (kernel `input_kernel_size`, `channels`)
     -> num_stacks x layers_per_stack residual layers with dilations 1, 2, 4, ..., 2^(L-1):
@@ -10,26 +11,31 @@ Input [N, T, C] float (C = 1 for a raw waveform, or a one-hot / embedded mu-law 
          x = x + residual_conv(z)                      1x1, `channels` (not in the last layer,
                                                        whose residual output nothing reads)
     -> head: ReLU(skip) -> 1x1 conv `head1` (skip_channels) -> ReLU
-         task='predict':  1x1 conv `head2` -> per-step logits [N, T, num_classes]
-                          (logits at t predict sample t + 1, e.g. 256-way mu-law)
+         task='predict':  1x1 conv `head2` -> per-step logits [N, T, 256]: at step t, the
+                          mu-law class (MU_LAW_CHANNELS = 256) of sample t + 1
          task='classify': mean over time -> `head2` -> logits [N, num_classes]
-    (`head2` is a Dense with a [skip_channels, num_classes] kernel in both tasks; on [N, T, C]
-    it is the 1x1 conv.)
+    (`head2` is a Dense with a [skip_channels, outputs] kernel in both tasks; on [N, T, C] it
+    is the 1x1 conv.) `label_key` names the batch field each task is scored against.
 
 Every conv is causal (left padding only), so the output at step t depends only on inputs
 at steps <= t, over exactly `receptive_field` steps:
 (kernel_size - 1) * sum(dilations) + (input_kernel_size - 1) + 1.
 `include_top=False` returns the ReLU(head1) features: pooled [N, skip_channels] for
 'classify', per step [N, T, skip_channels] for 'predict'.
+
+`sample` generates audio from a trained 'predict' model one sample at a time, with each layer
+keeping only the past inputs its dilated conv reads (Paine et al. 2016, "Fast Wavenet"), so a
+sample costs one step of every layer rather than a pass over the receptive field.
 """
 from __future__ import annotations
 
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
-import numpy as np
 
+from scaling.data.audio import MU_LAW_CHANNELS, companded
 from scaling.models.layers import Dtype, dense_init
 from scaling.models.registry import register_model
 
@@ -41,21 +47,6 @@ def causal_conv(features: int, kernel_size: int, dilation: int = 1, *, dtype: Dt
     """1-D conv padded only on the left, so output t sees inputs t - (k - 1) * dilation ... t."""
     return nn.Conv(features, (kernel_size,), kernel_dilation=(dilation,),
                    padding=(((kernel_size - 1) * dilation, 0),), dtype=dtype, name=name)
-
-
-def mu_law_encode(audio, quantization_channels: int = 256):
-    """Waveform in [-1, 1] -> integer classes 0 .. quantization_channels - 1 (mu-law companding)."""
-    mu = quantization_channels - 1
-    x = jnp.clip(audio, -1.0, 1.0)
-    y = jnp.sign(x) * jnp.log1p(mu * jnp.abs(x)) / np.log1p(mu)
-    return jnp.floor((y + 1) / 2 * mu + 0.5).astype(jnp.int32)
-
-
-def mu_law_decode(classes, quantization_channels: int = 256):
-    """Inverse of `mu_law_encode`: integer classes -> waveform in [-1, 1]."""
-    mu = quantization_channels - 1
-    y = 2 * jnp.asarray(classes, jnp.float32) / mu - 1
-    return jnp.sign(y) * jnp.expm1(jnp.abs(y) * np.log1p(mu)) / mu
 
 
 class ResidualLayer(nn.Module):
@@ -88,8 +79,8 @@ class WaveNet(nn.Module):
     input_kernel_size: int = 2
     layers_per_stack: int = 10
     num_stacks: int = 2
-    num_classes: int = 10
-    task: str = "classify"
+    num_classes: int = 10            # classify head; 'predict' has MU_LAW_CHANNELS outputs
+    task: str = "classify"           # 'classify' | 'predict' (next sample)
     include_top: bool = True
     dtype: Dtype = jnp.float32
 
@@ -105,6 +96,12 @@ class WaveNet(nn.Module):
     @property
     def dilations(self) -> tuple[int, ...]:
         return tuple(2 ** i for i in range(self.layers_per_stack)) * self.num_stacks
+
+    @property
+    def label_key(self) -> str:
+        """The batch field the logits are scored against (scaling.train.step): 'label' for
+        'classify'; for 'predict', 'next_sample', the mu-law class of the sample after each step."""
+        return "label" if self.task == "classify" else "next_sample"
 
     @property
     def receptive_field(self) -> int:
@@ -132,13 +129,86 @@ class WaveNet(nn.Module):
             h = jnp.mean(h, axis=1)
         if not self.include_top:
             return h
-        # A Dense on [N, T, C] is the 1x1 conv; the same [C, num_classes] kernel for both tasks.
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_init, name="head2")(h)
+        # A Dense on [N, T, C] is the 1x1 conv.
+        outputs = self.num_classes if self.task == "classify" else MU_LAW_CHANNELS
+        return nn.Dense(outputs, dtype=self.dtype, kernel_init=dense_init, name="head2")(h)
 
 
-# Raw audio at 16 kHz, one second per example; receptive fields 2048 (wavenet) and 257 samples.
-register_model("wavenet", WaveNet, resolution=16000, num_classes=10, input_shape=(16000, 1))
+# ----------------------------------------------------------------------------- sampling
+def _conv_at(taps: jax.Array, p: dict) -> jax.Array:
+    """A conv's output at the newest step from the inputs it reads there: taps [N, k, C] (oldest
+    first) with kernel [k, C, D] -> [N, D]."""
+    return jnp.einsum("nkc,kcd->nd", taps, p["kernel"]) + p["bias"]
+
+
+def _push(buffer: jax.Array, x: jax.Array) -> jax.Array:
+    """Drops the oldest step of buffer [N, L, C] and appends x [N, C]."""
+    return jnp.concatenate([buffer[:, 1:], x[:, None]], axis=1)
+
+
+def _initial_state(model: WaveNet, n: int) -> tuple:
+    """Zeros, as the convs' causal padding: the input's last `input_kernel_size` steps, and for
+    each layer the last (kernel_size - 1) * dilation + 1 inputs its dilated conv reads."""
+    layers = [jnp.zeros((n, (model.kernel_size - 1) * d + 1, model.channels))
+              for d in model.dilations]
+    return jnp.zeros((n, model.input_kernel_size, 1)), layers
+
+
+def _next_logits(model: WaveNet, params: dict, state: tuple, x: jax.Array) -> tuple:
+    """Feeds input x [N] (one step) through the network; returns the new state and the logits
+    [N, 256] for the following sample: the model's output at this step."""
+    inputs, buffers = state
+    inputs = _push(inputs, x[:, None])
+    h = _conv_at(inputs, params["input_conv"])
+    skips, new_buffers = 0.0, []
+    for i, (d, buffer) in enumerate(zip(model.dilations, buffers)):
+        p = params[f"layers_{i}"]
+        buffer = _push(buffer, h)
+        new_buffers.append(buffer)
+        taps = buffer[:, ::d]
+        z = jnp.tanh(_conv_at(taps, p["filter"])) * jax.nn.sigmoid(_conv_at(taps, p["gate"]))
+        skips = skips + _conv_at(z[:, None], p["skip"])
+        if "residual" in p:
+            h = h + _conv_at(z[:, None], p["residual"])
+    h = jax.nn.relu(_conv_at(jax.nn.relu(skips)[:, None], params["head1"]))
+    return (inputs, new_buffers), h @ params["head2"]["kernel"] + params["head2"]["bias"]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_samples", "temperature"))
+def sample(model: WaveNet, params: dict, prompt: jax.Array, num_samples: int, rng: jax.Array,
+           temperature: float = 1.0) -> jax.Array:
+    """Generates `num_samples` mu-law classes [N, num_samples] after `prompt` (int classes
+    [N, P], P >= 1, e.g. one silent sample: mu_law_encode(zeros((N, 1)))) with a trained
+    'predict' WaveNet's `params`, each drawn from softmax(logits / temperature) given every
+    sample before it (temperature 0: the most likely class). Equals running the model over the
+    whole sequence at every step, in one step of each layer per sample."""
+    if model.task != "predict" or not model.include_top:
+        raise ValueError("sample needs a WaveNet with task='predict' and include_top=True.")
+    level = functools.partial(companded, channels=MU_LAW_CHANNELS)
+
+    def feed(state, x):   # x: classes [N] -> (state, logits [N, 256] for the next sample)
+        return _next_logits(model, params, state, level(x).astype(jnp.float32))
+
+    state, logits = jax.lax.scan(feed, _initial_state(model, prompt.shape[0]), prompt.T)
+
+    def draw(carry, key):
+        state, logits = carry
+        if temperature > 0:
+            c = jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+        else:
+            c = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return feed(state, c), c
+
+    _, classes = jax.lax.scan(draw, (state, logits[-1]), jax.random.split(rng, num_samples))
+    return classes.T
+
+
+# Raw audio at 16 kHz, one second (16,000 samples, one channel) per example, 10 classes (spoken
+# digits); receptive fields 2048 (wavenet) and 257 samples. Audio gets no mean/std or crop.
+_AUDIO = dict(head="head2", modality="audio", resolution=16000, channels=1, num_classes=10,
+              sample_rate=16000, mean=None, std=None, crop_fraction=None)
+register_model("wavenet", WaveNet, **_AUDIO)
 register_model("wavenet_small", functools.partial(WaveNet, channels=32, skip_channels=64,
                                                   dilation_channels=32, layers_per_stack=8,
                                                   num_stacks=1),
-               resolution=16000, num_classes=10, input_shape=(16000, 1))
+               **_AUDIO)
