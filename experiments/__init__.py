@@ -11,6 +11,7 @@ EXPERIMENTS = {
     "train": "experiments.train",
     "sweep": "experiments.sweep",        # every declarative study (configs/*_grid.py, ...)
     "transfer": "experiments.transfer",  # a pretraining stage, then a sweep over modes
+    "eval": "experiments.eval",          # a run or imported weights on any data (configs/eval.py)
 }
 
 

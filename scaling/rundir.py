@@ -25,6 +25,10 @@ these names and helpers rather than spelling paths itself.
                       train_time_s, compile_time_s, setup_time_s, step_time_s}, ...],
                       "train_time_s": sum over launches, "step_time_s": median over launches}.
                       Not deterministic; kept apart from result.json for that reason.
+      config.json     the config `fit` trains with, as JSON (tuples as lists), rewritten by
+                      every launch (`fit`, process 0): what evaluation, prediction and weight
+                      export rebuild the model, its classes and its preprocessing from
+                      (`read_config`). Deterministic.
 
 Every JSON file is written atomically (a temporary file, then `os.replace`), so a reader sees
 either the old or the new content, never half a file.
@@ -43,6 +47,7 @@ TIMING = "timing.json"
 METRICS = "metrics.jsonl"
 PROGRESS = "progress.json"
 CHECKPOINTS = "checkpoints"
+CONFIG = "config.json"
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -81,6 +86,28 @@ def read_json(path: str) -> dict | None:
             return json.load(f)
     except FileNotFoundError:
         return None
+
+
+def write_config(run_dir: str, config: Any) -> None:
+    """Records `config` (an ml_collections ConfigDict) as RUN_DIR/config.json."""
+    write_json_atomic(os.path.join(run_dir, CONFIG), json.loads(config.to_json_best_effort()))
+
+
+def read_config(run_dir: str):
+    """The ConfigDict recorded in RUN_DIR/config.json (lists back to tuples, as configs write
+    them), or None when there is none."""
+    import ml_collections
+
+    data = read_json(os.path.join(run_dir, CONFIG))
+    return None if data is None else ml_collections.ConfigDict(_tuples(data))
+
+
+def _tuples(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _tuples(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return tuple(_tuples(v) for v in obj)
+    return obj
 
 
 def read_result(run_dir: str) -> dict | None:

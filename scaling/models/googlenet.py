@@ -19,9 +19,8 @@ inception4d (adaptive average pool to 4x4 -> 1x1 conv 128 -> fc1 1024 -> ReLU ->
 -> fc2). They add 6,379,984 parameters (13,004,888 in all for 1000 classes, 6,624,904
 without). In train mode the model then returns `(logits, aux1, aux2)` (torchvision's
 `GoogLeNetOutputs` orders them logits, aux2, aux1); in eval mode, and with
-`include_top=False`, only the logits / features. A trainer must combine the three losses
-itself (the paper weights each auxiliary loss by 0.3); `scaling.train.step` expects one
-logits array, so it trains these models with `aux_logits=False`.
+`include_top=False`, only the logits / features. `scaling.train.step` trains on the main loss
+plus `aux_weight` (the paper's 0.3) times each auxiliary loss; evaluation sees the main head only.
 
 The pieces shared with the later Inception networks (`max_pool` with torch's ceil mode,
 `scaled` channel counts, `final_pool`, `transform_input`) live here.
@@ -167,6 +166,8 @@ class InceptionNet(nn.Module):
 
     def __post_init__(self):
         check_width(self.width_multiplier)
+        if getattr(self, "aux_weight", 0.0) < 0:  # GoogLeNet and Inception v3 have one
+            raise ValueError(f"model.aux_weight: must be >= 0, got {self.aux_weight}.")
         super().__post_init__()
 
     def layers(self, train: bool):
@@ -197,6 +198,9 @@ class GoogLeNet(InceptionNet):
     """
     dropout: float = 0.2
     aux_logits: bool = False
+    # Weight of each auxiliary head's loss in the training objective. Szegedy et al. 2014,
+    # section 5: "the losses of the auxiliary classifiers were weighted by 0.3".
+    aux_weight: float = 0.3
     aux_dropout: float = 0.7
     transform_input: bool = False
 
@@ -232,4 +236,4 @@ class GoogLeNet(InceptionNet):
         return (out, *aux_out) if aux_out and train else out
 
 
-register_model("googlenet", GoogLeNet, resolution=224, num_classes=1000)
+register_model("googlenet", GoogLeNet, head="fc", aux_heads=("aux1/fc2", "aux2/fc2"), weights="googlenet")

@@ -11,7 +11,8 @@ names are torchvision's (`Mixed_6b.branch7x7_2.conv.weight` -> `Mixed_6b/branch7
 23,834,568 parameters for 1000 classes. The auxiliary classifier on Mixed_6e (`aux_logits=True`,
 off by default; 5x5/3 avg-pool -> 1x1 conv 128 -> 5x5 conv 768 -> fc) adds 3,326,696
 (27,161,264 in all); in train mode the model then returns `(logits, aux)`, in eval mode the
-logits. The aux head needs the 17x17 Mixed_6e grid of a 299x299 input (or larger).
+logits; `scaling.train.step` trains on the main loss plus `aux_weight` (0.4) times the auxiliary
+loss. The aux head needs the 17x17 Mixed_6e grid of a 299x299 input (or larger).
 Average pools count the zero padding (torch's default). Dropout 0.5 before `fc`. The smallest
 input is 75x75.
 
@@ -164,7 +165,7 @@ class InceptionAux(nn.Module):
         if min(x.shape[1:3]) < 17:
             raise ValueError(f"model.aux_logits: the auxiliary head needs a grid of at least 17x17 "
                              f"at Mixed_6e (input >= 299x299), got {x.shape[1]}x{x.shape[2]}; "
-                             f"use a larger input or aux_logits=False.")
+                             f"use a larger input or model.aux_logits=False.")
         x = nn.avg_pool(x, (5, 5), (3, 3), padding=VALID)
         x = self.conv(self.ch(128), 1, name="conv0")(x)
         x = self.conv(self.ch(768), 5, padding=VALID, name="conv1")(x)
@@ -179,6 +180,12 @@ class InceptionV3(InceptionNet):
     """
     dropout: float = 0.5
     aux_logits: bool = False
+    # Weight of the auxiliary loss in the training objective. The paper gives none; 0.4 is what
+    # its authors' released trainer uses (tensorflow/models research/slim/train_image_classifier.py:
+    # `softmax_cross_entropy(end_points['AuxLogits'], ..., weights=0.4)`) and what PyTorch's
+    # fine-tuning tutorial copies (`loss1 + 0.4 * loss2`). torchvision's reference trainer
+    # (references/classification/train.py) has no auxiliary loss: its weights are ported from TF.
+    aux_weight: float = 0.4
     transform_input: bool = False
 
     MIN_RESOLUTION = 75
@@ -291,5 +298,7 @@ class InceptionV2(InceptionNet):
         return self.head(x, train)
 
 
-register_model("inception_v2", InceptionV2, resolution=224, num_classes=1000)
-register_model("inception_v3", InceptionV3, resolution=299, num_classes=1000)
+register_model("inception_v2", InceptionV2, head="last_linear")   # no weight importer
+# torchvision's eval transform: 299 cropped from 342.
+register_model("inception_v3", InceptionV3, head="fc", aux_heads=("AuxLogits/fc",), weights="inception_v3",
+               resolution=299, crop_fraction=299 / 342)

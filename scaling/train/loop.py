@@ -33,7 +33,8 @@ from scaling import data as data_lib
 from scaling import metrics as metrics_lib
 from scaling import parallel, rundir
 from scaling.train import finetune
-from scaling.train.run import COMPUTE_DTYPES, Run, build_model, make_run  # noqa: F401 (re-exported)
+from scaling.train.run import (COMPUTE_DTYPES, Run, build_model, data_config,  # noqa: F401 (re-exported)
+                               make_run)
 from scaling.train.state import TrainState, count_params, create_state
 from scaling.train.step import make_eval_step
 
@@ -94,7 +95,8 @@ def hparams_record(config: Any, result: dict, hparams: dict | None = None) -> tu
 
     hparams: `hparams` as given (a flat dict name -> scalar: swept values, seed, ...) or, when
     None, model.name, seed, train.lr, train.batch_size, the duration (train.num_steps when set,
-    else train.num_epochs) and data.image_size; plus `status` (the result's, 'done').
+    else train.num_epochs) and data.image_size (audio: data.clip_samples); plus `status` (the
+    result's, 'done').
     metrics: the result's val_top1, val_top5 and val_loss. The whole config is in the text tab."""
     if hparams is None:
         tc = config.train
@@ -102,7 +104,8 @@ def hparams_record(config: Any, result: dict, hparams: dict | None = None) -> tu
             "train.num_epochs", tc.num_epochs)
         hparams = {"model.name": config.model.name, "seed": config.get("seed", 0),
                    "train.lr": tc.lr, "train.batch_size": tc.batch_size, duration[0]: duration[1],
-                   "data.image_size": config.data.image_size}
+                   **{f"data.{k}": config.data[k] for k in ("image_size", "clip_samples")
+                      if k in config.data}}
     hp = {**hparams, "status": result["status"]}
     metrics = {k: result[k] for k in ("val_top1", "val_top5", "val_loss") if result.get(k) is not None}
     return hp, metrics
@@ -116,7 +119,8 @@ def _all_finite(tree) -> jax.Array:
 
 
 class Evaluator:
-    """Loss / top-1 / top-5 over a whole split; the last batch is padded and masked."""
+    """Loss / top-1 / top-5 over a whole split; the last batch is padded and masked. With an
+    eval step made with `per_class=True` the per-class sums come back too, as arrays."""
 
     def __init__(self, dataset, eval_step: Callable, batch_size: int, mesh):
         self.dataset, self.eval_step, self.batch_size = dataset, eval_step, batch_size
@@ -130,8 +134,9 @@ class Evaluator:
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         totals = parallel.fetch(totals)
         n = max(float(totals["count"]), 1.0)
+        per_class = {k: v for k, v in totals.items() if np.ndim(v)}
         return {"loss": float(totals["loss"]) / n, "top1": float(totals["top1"]) / n,
-                "top5": float(totals["top5"]) / n, "examples": int(totals["count"])}
+                "top5": float(totals["top5"]) / n, "examples": int(totals["count"]), **per_class}
 
 
 class _StopRequest:
@@ -227,21 +232,24 @@ def _setup(config: Any, workdir: str, mesh, variables: dict | None, until_step: 
     mesh = mesh or parallel.make_mesh()
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        rundir.write_config(workdir, config)  # what eval / predict / export rebuild the run from
     t_setup = time.perf_counter()
 
-    train_ds = data_lib.build_dataset(config.data, config.data.train_split, train=True, seed=config.seed)
-    eval_ds = data_lib.build_dataset(config.data, config.data.eval_split, train=False, seed=config.seed)
+    data = data_config(config)   # the model's mean / std / crop where the config sets none
+    train_ds = data_lib.build_dataset(data, data.train_split, train=True, seed=config.seed)
+    eval_ds = data_lib.build_dataset(data, data.eval_split, train=False, seed=config.seed)
     parallel.check_batch_size(tc.eval_batch_size, mesh, "train.eval_batch_size")
     run = make_run(config, mesh, train_ds.num_classes, train_ds.num_examples)
     steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     stop = total_steps if until_step is None else min(int(until_step), total_steps)
     eval_every = int(tc.eval_every_steps) if tc.eval_every_steps > 0 else int(
         round(tc.eval_every_epochs * steps_per_epoch)) if tc.eval_every_epochs > 0 else 0
-    size = config.data.image_size
+    size = config.data.get("image_size")           # None for audio data
 
     if variables is None:  # pretrained weights from config.init.path, if any
         variables = finetune.initial_variables(config, run.model, jax.random.PRNGKey(config.seed), size)
-    host_state = create_state(run.model, run.tx, jax.random.PRNGKey(config.seed), (size, size, 3), variables)
+    host_state = create_state(run.model, run.tx, jax.random.PRNGKey(config.seed), run.input_shape, variables)
     n_params, n_stats = count_params(host_state.params), count_params(host_state.batch_stats)
     state = parallel.replicate(host_state, mesh)
     del host_state

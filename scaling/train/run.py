@@ -12,28 +12,60 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from scaling import checkpoint as ckpt_lib
 from scaling import parallel, rundir
-from scaling.models import create_model, model_fields
+from scaling.models import create_model, model_fields, model_info
 from scaling.train import finetune
+from scaling.data import example_spec
 from scaling.train.state import abstract_state
-from scaling.train.state import batch_spec as make_batch_spec
-from scaling.train.step import make_train_step
+from scaling.train.step import make_train_step, model_input
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_model(model_cfg: Any, num_classes: int, compute_dtype: str = "float32"):
+def build_model(model_cfg: Any, num_classes: int, compute_dtype: str = "float32", *,
+                image_size: int | None = None):
     """Creates the registered model named `model_cfg.name` with the config's other fields as
-    overrides; the head size comes from the data unless `model.num_classes` is set."""
+    overrides; the head size comes from the data unless `model.num_classes` is set. A model
+    with an `image_size` field (a ViT: its position embeddings) is built for `image_size`,
+    the data's (`data.image_size`), so the two never need to be kept equal by hand."""
     overrides = {k: (tuple(v) if isinstance(v, list) else v)
                  for k, v in model_cfg.items() if k != "name"}
     if not overrides.get("num_classes"):
         overrides["num_classes"] = num_classes
-    if "dtype" in model_fields(model_cfg.name) and compute_dtype != "float32":
+    fields = model_fields(model_cfg.name)
+    if "dtype" in fields and compute_dtype != "float32":
         overrides["dtype"] = COMPUTE_DTYPES[compute_dtype]
+    if "image_size" in fields and image_size is not None:
+        if overrides.get("image_size") not in (None, image_size):
+            raise ValueError(f"model.image_size={overrides['image_size']} differs from data.image_size="
+                             f"{image_size}; leave model.image_size unset: it follows data.image_size.")
+        overrides["image_size"] = image_size
     return create_model(model_cfg.name, **overrides)
+
+
+def data_config(config: Any) -> ml_collections.ConfigDict:
+    """`config.data` with the model's defaults where the config leaves them unset (None):
+    `mean`, `std` and `crop_fraction` from the registry record of `config.model.name`, the
+    preprocessing its reference weights expect. What the pipeline is built from."""
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    info = model_info(config.model.name)
+    for field in ("mean", "std", "crop_fraction"):
+        if data.get(field) is None and getattr(info, field) is not None:
+            data[field] = getattr(info, field)
+    return data
+
+
+def resolve_image_size(config: Any, user_set: bool) -> int:
+    """The input resolution rule for a run that switches model (`--config.model.name=X`):
+    unless the user set `data.image_size`, it becomes the model's registered resolution
+    (`model_info(X).resolution`; image models). Sets `config.data.image_size` and returns it."""
+    info = model_info(config.model.name)
+    if not user_set and info.modality == "image":
+        config.data.image_size = info.resolution
+    return config.data.image_size
 
 
 @dataclasses.dataclass
@@ -50,6 +82,11 @@ class Run:
     state_spec: Any
     batch_spec: dict
     key: str | None = None  # what the compiled step depends on; None: never reused
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's model input, e.g. (32, 32, 3), or (T, 1) for audio."""
+        return tuple(model_input(self.batch_spec).shape[1:])
 
     def compile(self):
         """The compiled train step. Runs whose configs differ only in `seed` (a sweep's seeds,
@@ -88,17 +125,18 @@ def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
     parallel.check_batch_size(tc.batch_size, mesh, "train.batch_size")
     steps_per_epoch = max(math.ceil(num_examples / tc.batch_size), 1)
     total_steps = int(tc.num_steps) if tc.num_steps > 0 else int(round(tc.num_epochs * steps_per_epoch))
-    model = build_model(config.model, num_classes, tc.compute_dtype)
-    size = config.data.image_size
+    size = config.data.get("image_size")           # None for audio data
+    model = build_model(config.model, num_classes, tc.compute_dtype, image_size=size)
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    x1 = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    batch_spec = {k: jax.ShapeDtypeStruct((tc.batch_size, *shape), dtype, sharding=data)
+                  for k, (shape, dtype) in example_spec(config.data).items()}
+    x1 = jax.ShapeDtypeStruct((1, *model_input(batch_spec).shape[1:]), jnp.float32)
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
     variables = jax.eval_shape(lambda x: model.init(rngs, x, train=False), x1)
     params = variables["params"]
     plan = finetune.make_plan(config, model, params)  # scratch / linear_probe / finetune[_bn]
     tx, schedule = finetune.build_optimizer(tc, plan, steps_per_epoch, total_steps)
     state_spec = abstract_state(variables, tx, rep)
-    batch_spec = make_batch_spec(tc.batch_size, (size, size, 3), data)
     step_fn = make_train_step(model, tx, mesh, label_smoothing=tc.label_smoothing,
                               compute_dtype=COMPUTE_DTYPES[tc.compute_dtype], plan=plan)
     return Run(model, tx, schedule, steps_per_epoch, total_steps, step_fn, state_spec, batch_spec,
@@ -134,3 +172,34 @@ def restore(config: Any, run_dir: str, mesh=None, *, run: Run | None = None) -> 
     if jax.tree.leaves(state.batch_stats):
         variables["batch_stats"] = parallel.fetch(state.batch_stats)
     return variables
+
+
+def run_config(run_dir: str) -> Any:
+    """The config `fit` recorded in the run directory `run_dir` (scaling.rundir), once it is
+    known to hold a checkpoint. Raises FileNotFoundError naming what is missing and the fix."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no such directory; give the workdir of a training "
+                                "run.")
+    directory = rundir.checkpoint_dir(run_dir)
+    has_checkpoint = os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+    config = rundir.read_config(run_dir)
+    if config is not None and has_checkpoint:
+        return config
+    if os.path.isdir(os.path.join(run_dir, "trials")):
+        hint = f"it is a sweep's workdir: give one of its trials, {run_dir}/trials/<id>"
+    elif has_checkpoint:
+        hint = ("it was trained before runs recorded their config: relaunch its training command "
+                "once (it resumes at its last step and records it)")
+    else:
+        hint = ("train into it first (python launch.py --config configs/train.py --workdir "
+                f"{run_dir}), or wait for its first checkpoint")
+    missing = rundir.CONFIG if config is None else f"checkpoint in {rundir.CHECKPOINTS}/"
+    raise FileNotFoundError(f"{run_dir} has no {missing}; {hint}.")
+
+
+def load_run(run_dir: str, mesh=None) -> tuple[Any, Run, dict]:
+    """(config, Run, variables) of a run directory: the config `fit` recorded there, what it
+    compiles to (`prepare`) and its newest checkpoint's variables (`restore`)."""
+    config = run_config(run_dir)
+    run = prepare(config, mesh)
+    return config, run, restore(config, run_dir, mesh, run=run)
