@@ -11,9 +11,11 @@ Presets:
             wd 5e-4, batch 128, 200 epochs, lr x0.2 at epochs 60/120/160, dropout 0.3).
   imagenet  ResNet-50 on TFDS imagenet2012 (90 epochs, batch 1024, lr 0.4, 5 warmup epochs,
             cosine, label smoothing 0.1, 224px random-resized crops).
+  test      a tiny net for a few steps (smoke tests).
 data.mean / data.std / data.crop_fraction are unset (None) in every preset: they are the
 model's (its registry record), e.g. CIFAR-10 statistics for WRN, ImageNet's for ResNet-50.
-  test      a tiny net for a few steps (smoke tests).
+`--config.model.name=X` switches any preset to model X (its defaults; X's resolution unless
+data.image_size is given).
 """
 import ml_collections
 

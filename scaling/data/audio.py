@@ -103,7 +103,7 @@ def is_audio(cfg) -> bool:
 
 def validate_audio_data_config(cfg) -> None:
     """Raises ValueError naming the first bad field of an audio data section."""
-    from scaling.data.config import _fail, _is_int, check_tfds_name
+    from scaling.data.config import _fail, _is_int, check_tfds_name, validate_subset_fields
 
     if cfg.source not in SOURCES:
         _fail("source", cfg.source, f"audio data allows {', '.join(SOURCES)}")
@@ -112,15 +112,7 @@ def validate_audio_data_config(cfg) -> None:
             _fail(field, cfg[field], "must be a positive integer (Hz / samples)")
     if not cfg.gain_db >= 0:
         _fail("gain_db", cfg.gain_db, "must be >= 0 (0 turns it off)")
-    classes = tuple(cfg.classes or ())
-    if (not all(_is_int(c) and c >= 0 for c in classes)) or len(set(classes)) != len(classes):
-        _fail("classes", cfg.classes, "must be distinct class indices >= 0; () keeps all")
-    if not _is_int(cfg.examples_per_class) or cfg.examples_per_class < 0:
-        _fail("examples_per_class", cfg.examples_per_class, "must be an integer >= 0 (0 = all)")
-    if not 0 <= cfg.val_fraction < 1:
-        _fail("val_fraction", cfg.val_fraction, "must be in [0, 1)")
-    if not _is_int(cfg.workers) or cfg.workers < 0:
-        _fail("workers", cfg.workers, "must be an integer >= 0 (0 or 1: no thread pool)")
+    validate_subset_fields(cfg)
     if cfg.source == "embedded" and cfg.name not in EMBEDDED_NAMES:
         _fail("name", cfg.name, f"embedded audio is {', '.join(EMBEDDED_NAMES)}; use "
               "data.source='tfds' (speech_commands) or 'folder' for other audio")

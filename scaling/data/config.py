@@ -79,6 +79,19 @@ def validate_data_config(cfg) -> None:
                   "the model's")
     if cfg.std is not None and min(cfg.std) <= 0:
         _fail("std", cfg.std, "every value must be > 0")
+    validate_subset_fields(cfg)
+    if cfg.source == "embedded" and cfg.name not in EMBEDDED_NAMES:
+        _fail("name", cfg.name, f"data.source='embedded' ships only {', '.join(EMBEDDED_NAMES)}; "
+              "use data.source='tfds' or 'folder' for other datasets")
+    if cfg.source == "folder":
+        check_folder_path(cfg.path)
+    if cfg.source == "tfds":
+        check_tfds_name(cfg.name)
+
+
+def validate_subset_fields(cfg) -> None:
+    """The fields image and audio sections share: which classes and examples, the folder
+    split and the decode threads."""
     classes = tuple(cfg.classes or ())
     if (not all(_is_int(c) and c >= 0 for c in classes)) or len(set(classes)) != len(classes):
         _fail("classes", cfg.classes, "must be distinct class indices >= 0; () keeps all")
@@ -88,13 +101,6 @@ def validate_data_config(cfg) -> None:
         _fail("val_fraction", cfg.val_fraction, "must be in [0, 1)")
     if not _is_int(cfg.workers) or cfg.workers < 0:
         _fail("workers", cfg.workers, "must be an integer >= 0 (0 or 1: no thread pool)")
-    if cfg.source == "embedded" and cfg.name not in EMBEDDED_NAMES:
-        _fail("name", cfg.name, f"data.source='embedded' ships only {', '.join(EMBEDDED_NAMES)}; "
-              "use data.source='tfds' or 'folder' for other datasets")
-    if cfg.source == "folder":
-        check_folder_path(cfg.path)
-    if cfg.source == "tfds":
-        check_tfds_name(cfg.name)
 
 
 def check_folder_path(path) -> str:
