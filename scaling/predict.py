@@ -8,8 +8,9 @@ from its data section exactly as evaluation builds it (`Transform.eval`: a plain
 dataset of one fixed image size such as CIFAR, else the shorter side to image_size /
 crop_fraction and a centre crop; then the run's mean and std), so an image of the run's eval
 split gets the probabilities evaluation computes for it. Class names are those of the run's
-training data. A missing or unreadable file, or a workdir without a checkpoint, is one line
-`error: ...` with exit status 2.
+training data. A missing or unreadable file is one line `error: ...` on stderr; the other
+files are still classified, and the exit status is then 2. A workdir without a checkpoint (or
+no readable file at all) is one `error:` line and exit status 2.
 """
 from __future__ import annotations
 
@@ -96,15 +97,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from scaling.cli import fail
 
+    if args.top < 1:
+        fail(f"--top={args.top}: must be >= 1.")
+    images, unreadable = {}, []
+    for path in args.images:
+        try:
+            images[path] = read_image(path)
+        except (ValueError, OSError) as e:
+            unreadable.append(e)
+    if not images:
+        fail(unreadable[0] if len(unreadable) == 1 else
+             f"predict: none of the {len(unreadable)} files is a readable image: {unreadable[0]}")
     try:
-        if args.top < 1:
-            raise ValueError(f"--top={args.top}: must be >= 1.")
-        images = [read_image(p) for p in args.images]
         predictor = Predictor(args.workdir)
     except (ValueError, OSError) as e:
         fail(e)
-    for path, probs in zip(args.images, predictor.probabilities(images)):
+    for e in unreadable:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    for path, probs in zip(images, predictor.probabilities(list(images.values()))):
         print(format_predictions(path, predictor.top(probs, args.top)))
+    if unreadable:
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,14 @@ def test_predict_bad_inputs_are_one_line(trained, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     err = one_line_error(capsys, predict.main, ["--workdir", str(tmp_path), str(tmp_path / "ok.png")])
     assert f"{tmp_path} has no config.json" in err
+    # One bad file among good ones: the good one is still classified, the bad one is an
+    # error line, and the exit status says something failed.
+    with pytest.raises(SystemExit) as exit_:
+        predict.main(["--workdir", workdir, str(tmp_path / "noise.jpg"), str(tmp_path / "ok.png")])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2
+    assert err.splitlines() == [l for l in err.splitlines() if l.startswith("error: ")] and "noise.jpg" in err
+    assert out.splitlines()[0] == str(tmp_path / "ok.png") and len(out.splitlines()) == 6
 
 
 # ---------------------------------------------------------------------------- export
