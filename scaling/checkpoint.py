@@ -64,9 +64,6 @@ class Checkpointer:
                 "checkpoints directory away).")
         return target, None
 
-    def wait(self) -> None:
-        self._mngr.wait_until_finished()
-
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()

@@ -64,10 +64,6 @@ class MetricWriter:
         self._tb.add_hparams(hp, {f"hparams/{k}": _to_float(v) for k, v in metrics.items()},
                              name=".", global_step=None)
 
-    def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
