@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from scaling.models import create_model, list_models, model_info
-from scaling.models.alexnet import ZFNET, AlexNet, adaptive_avg_pool, max_pool
-from scaling.models.layers import LocalResponseNorm
+from scaling.models.layers import LocalResponseNorm, adaptive_avg_pool, max_pool
 from scaling.models.vgg import VGG
 from scaling.profile import model_stats
 from tests.helpers import FAST_COMPILE, check_reference_counts, tiny_train_step

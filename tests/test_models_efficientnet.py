@@ -1,5 +1,5 @@
 """EfficientNet: exact reference counts (shapes only), reference module names, tiny training,
-drop-connect, compound-scaling constructors."""
+drop-connect, compound scaling."""
 import functools
 
 import jax
@@ -9,8 +9,8 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from scaling.models import create_model, list_models, model_info
-from scaling.models.efficientnet import (B0_BLOCKS, EfficientNet, efficientnet_from_coefficients,
-                                         efficientnet_from_compound)
+from scaling import scaling_rules
+from scaling.models.efficientnet import B0_BLOCKS, EfficientNet
 from scaling.weights import efficientnet_timm_to_torchvision as timm_to_torchvision
 from scaling.weights import from_state_dict, read_state_dict
 from tests.helpers import FAST_COMPILE, check_reference_counts, tiny_train_step
@@ -199,24 +199,15 @@ def test_drop_connect_only_in_train_mode():
     assert float(jnp.abs(evaluated - p_eval).max()) == 0.0  # eval mode ignores the rate
 
 
-def test_compound_constructors():
-    m, r = efficientnet_from_compound(0)
-    assert (m.width, m.depth, r) == (1.0, 1.0, 224)
-    m, r = efficientnet_from_compound(1, 1.2, 1.1, 1.15, num_classes=10, blocks=B0_BLOCKS[:3])
-    assert (m.depth, m.width, r, m.num_classes) == (1.2, 1.1, 258, 10)
+def test_compound_scaling_of_the_baseline():
+    """As a compound sweep scales it (experiments/sweep.py): the shared rules' coefficients become
+    the model's `width` and `depth` fields and the data's image size."""
+    d, w, r = scaling_rules.compound_coefficients(1, 1.2, 1.1, 1.15)
+    m = EfficientNet(width=w, depth=d, num_classes=10, blocks=B0_BLOCKS[:3])
+    assert (m.depth, m.width, scaling_rules.scaled_resolution(224, r)) == (1.2, 1.1, 258)
     assert len(m.plan().blocks) == 2 + 3 + 3   # ceil(1.2 * (1, 2, 2))
-    m, r = efficientnet_from_compound(2, base_resolution=32, resolution_divisor=8)
-    assert r == 40 and m.width == pytest.approx(1.21)   # 32 * 1.3225 = 42.3 -> 40
-    with pytest.raises(ValueError, match=r"^alpha: "):
-        efficientnet_from_compound(1, 0.9, 1.2, 1.2)
-    with pytest.raises(ValueError, match=r"^alpha, beta, gamma: "):
-        efficientnet_from_compound(1, 1.4, 1.2, 1.2)
-    m, _ = efficientnet_from_compound(1, 1.4, 1.2, 1.2, target=None)
-    assert m.depth == 1.4
-    m, r = efficientnet_from_coefficients(1.4, 1.8, 380, padding="symmetric")
-    assert (m.plan().head, r, m.padding) == (1792, 380, "symmetric")
-    with pytest.raises(ValueError, match="model.resolution"):
-        efficientnet_from_coefficients(1.0, 1.0, 0)
+    m = EfficientNet(width=1.4, depth=1.8, padding="symmetric")
+    assert (m.plan().head, m.padding) == (1792, "symmetric")
 
 
 @pytest.mark.parametrize("field, value", [

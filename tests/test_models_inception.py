@@ -11,7 +11,8 @@ import pytest
 
 from scaling import parallel
 from scaling.models import create_model, model_info
-from scaling.models.googlenet import adaptive_avg_pool, max_pool, transform_input
+from scaling.models.googlenet import transform_input
+from scaling.models.layers import adaptive_avg_pool, max_pool
 from scaling.profile import model_stats
 from scaling.train.state import TrainState
 from scaling.train.step import make_train_step

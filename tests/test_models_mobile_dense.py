@@ -11,7 +11,8 @@ import pytest
 
 from scaling.models import create_model, list_models, model_info
 from scaling.models.densenet import CifarDenseNet, DenseNet
-from scaling.models.mobilenet import MobileNetV1, MobileNetV2, MobileNetV3, make_divisible
+from scaling.models.mobilenet import MobileNetV1, MobileNetV2, MobileNetV3
+from scaling.scaling_rules import round_filters
 from scaling.profile import model_stats
 from tests.helpers import FAST_COMPILE, check_reference_counts, tiny_train_step
 
@@ -84,7 +85,7 @@ def test_keras_mobilenet_v2_alpha_050_count(name):
     assert out.shape == (1, 5)
     p = variables["params"]
     stem, head = (("conv_stem", "conv_head") if name == "mobilenet_v2_050" else ("features_0_0", "features_18_0"))
-    assert p[stem]["kernel"].shape == (3, 3, 3, 16)          # make_divisible(32 * 0.5, 8)
+    assert p[stem]["kernel"].shape == (3, 3, 3, 16)          # round_filters(32, 0.5)
     assert p[head]["kernel"].shape == (1, 1, 160, 1280)      # last conv stays 1280 for alpha <= 1
 
 
@@ -95,8 +96,8 @@ def test_keras_mobilenet_v3_counts():
         assert count(variables["params"]) + count(variables["batch_stats"]) == total, name
 
 
-def test_make_divisible_rounding():
-    assert [make_divisible(v) for v in (16, 12, 5.6, 11.2, 8.95, 8.8, 1280 * 1.4)] == [16, 16, 8, 16, 16, 8, 1792]
+def test_channel_rounding():
+    assert [round_filters(v, 1.0) for v in (16, 12, 5.6, 11.2, 8.95, 8.8, 1280 * 1.4)] == [16, 16, 8, 16, 16, 8, 1792]
     # The last v2 conv widens only above alpha 1.
     for alpha, last in ((0.35, 1280), (1.0, 1280), (1.4, 1792)):
         v = shapes("mobilenet_v2", 32, alpha=alpha)[0]
@@ -135,7 +136,7 @@ def test_mobilenet_v3_torchvision_layout():
     blk = p["features_4"]  # k5, 24 -> 72 -> 40 with SE
     assert set(blk) == {"block_0_0", "block_0_1", "block_1_0", "block_1_1", "block_2", "block_3_0", "block_3_1"}
     assert blk["block_1_0"]["kernel"].shape == (5, 5, 1, 72)
-    assert blk["block_2"]["fc1"]["kernel"].shape == (1, 1, 72, 24)  # make_divisible(72 // 4, 8)
+    assert blk["block_2"]["fc1"]["kernel"].shape == (1, 1, 72, 24)  # round_filters(72 // 4, 1.0)
     assert blk["block_2"]["fc2"]["kernel"].shape == (1, 1, 24, 72)
     assert set(p["features_1"]) == {"block_0_0", "block_0_1", "block_1_0", "block_1_1"}  # no expand conv
     assert p["features_16_0"]["kernel"].shape == (1, 1, 160, 960)

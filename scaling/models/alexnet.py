@@ -35,11 +35,11 @@ import functools
 from typing import Callable, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from scaling.models.layers import (NORMS, Dtype, LocalResponseNorm, conv_general_dilated, dense_init,
-                                   global_avg_pool, make_norm)
+from scaling.models.layers import (NORMS, Dtype, LocalResponseNorm, adaptive_avg_pool, dense_init,
+                                   global_avg_pool, make_norm, max_pool, torch_flatten)
+from scaling.models.layers import conv as conv2d
 from scaling.models.registry import register_model
 
 # Krizhevsky et al. 2012's LRN (alpha=1e-4 on the plain sum) in torch semantics (alpha / size).
@@ -88,20 +88,6 @@ def norm_layer(norm: str | None, train: bool, dtype: Dtype) -> Callable[..., nn.
     return make_norm(norm, train=train, momentum=0.9, epsilon=1e-5, dtype=dtype)
 
 
-def max_pool(x, kernel: int, stride: int, ceil_mode: bool = False):
-    """torch `MaxPool2d(kernel, stride, padding=0, ceil_mode)` on NHWC, with torch's output size."""
-    pads = []
-    for n in x.shape[1:3]:
-        out = (n - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
-        if ceil_mode and (out - 1) * stride >= n:  # the last window must start inside the input
-            out -= 1
-        if out < 1:
-            raise ValueError(f"model input resolution: a {n}x{n} feature map is too small for a "
-                             f"{kernel}x{kernel} max pool; use a larger input resolution.")
-        pads.append((0, max(0, (out - 1) * stride + kernel - n)))
-    return nn.max_pool(x, (kernel, kernel), strides=(stride, stride), padding=tuple(pads))
-
-
 def torch_sequential(x, layers: Sequence[tuple], *, width: float, norm: Callable | None,
                      dtype: Dtype, kernel_init: Callable, prefix: str = "features"):
     """Runs a `layers` table, naming each module `{prefix}_{index in the torch Sequential}`.
@@ -114,46 +100,22 @@ def torch_sequential(x, layers: Sequence[tuple], *, width: float, norm: Callable
         kind = layer[0]
         if kind == "conv":
             _, features, kernel, stride, pad = layer
-            x = nn.Conv(scaled(features, width), (kernel, kernel), strides=stride,
-                        padding=((pad, pad), (pad, pad)), dtype=dtype, kernel_init=kernel_init,
-                        bias_init=nn.initializers.zeros,
-                        conv_general_dilated=conv_general_dilated, name=f"{prefix}_{i}")(x)
+            x = conv2d(scaled(features, width), kernel, stride, padding=pad, use_bias=True,
+                       kernel_init=kernel_init, small_maps=True, dtype=dtype, name=f"{prefix}_{i}")(x)
             i += 1
             if norm is not None:
                 x = norm(name=f"{prefix}_{i}")(x)
                 i += 1
             x = nn.relu(x)
         elif kind == "pool":
-            x = max_pool(x, *layer[1:])
+            _, kernel, stride, ceil_mode = layer
+            x = max_pool(x, kernel, stride, ceil_mode=ceil_mode)
         elif kind == "lrn":
             x = LocalResponseNorm(**LRN_PAPER, name=f"{prefix}_{i}")(x)
         else:
             raise ValueError(f"model.layers: unknown layer kind {kind!r}; use conv, pool or lrn.")
         i += 1
     return x
-
-
-def adaptive_avg_pool(x, output_size: int):
-    """torch `AdaptiveAvgPool2d(output_size)` on NHWC: bin i of n covers
-    [floor(i n / out), ceil((i + 1) n / out)), so a smaller map is replicated (1x1 -> 7x7).
-    Slices and means only (no matmul), so it adds no MACs; the identity when sizes match."""
-    for axis in (1, 2):
-        n = x.shape[axis]
-        if n == output_size:
-            continue
-        if n % output_size == 0:
-            shape = x.shape[:axis] + (output_size, n // output_size) + x.shape[axis + 1:]
-            x = x.reshape(shape).mean(axis=axis + 1)
-            continue
-        bins = [(i * n // output_size, -(-(i + 1) * n // output_size)) for i in range(output_size)]
-        x = jnp.stack([jax.lax.slice_in_dim(x, lo, hi, axis=axis).mean(axis=axis) for lo, hi in bins],
-                      axis=axis)
-    return x
-
-
-def torch_flatten(x):
-    """NHWC -> [N, C*H*W] in torch's NCHW order, so torchvision fc weights load unpermuted."""
-    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
 def classifier_head(x, *, layout: str, include_top: bool, avgpool_size: int | None, hidden: int,

@@ -31,16 +31,11 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from scaling.models.layers import Dtype, dense_init, global_avg_pool, make_norm, sym_padding
+from scaling.models.layers import Dtype, classifier, conv, conv_init_fan_in, global_avg_pool, make_norm
 from scaling.models.registry import CIFAR10_MEAN, CIFAR10_STD, register_model
 
 # torchvision: kaiming_normal_ with its defaults (fan_in, ReLU gain), untruncated.
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-
-
-def _conv(features: int, kernel: int, strides: int = 1, *, dtype: Dtype, name: str) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=strides, padding=sym_padding(kernel),
-                   use_bias=False, dtype=dtype, kernel_init=_conv_init, name=name)
+_conv = functools.partial(conv, kernel_init=conv_init_fan_in)
 
 
 class DenseLayer(nn.Module):
@@ -139,7 +134,7 @@ class _DenseNetBase(nn.Module):
         x = global_avg_pool(nn.relu(x))
         if not self.include_top:
             return x
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_init, name="classifier")(x)
+        return classifier(x, self.num_classes, 0.0, train, self.dtype, "classifier")
 
 
 class DenseNet(_DenseNetBase):

@@ -34,17 +34,17 @@ experiment can shrink the B0 baseline for a CPU before compound scaling it.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from scaling import scaling_rules
-from scaling.models.layers import (NORMS, Dtype, DropPath, activation, conv_init, conv_module,
-                                   global_avg_pool, make_norm, sym_padding)
+from scaling.models.layers import (NORMS, Dtype, InvertedResidual, activation, classifier, classifier_init,
+                                   conv_bn, global_avg_pool, make_norm)
 from scaling.models.registry import register_model
 
-PADDINGS = ("symmetric", "same")
+PADDINGS = {"symmetric": None, "same": "SAME"}  # -> `layers.conv` padding
 NAMINGS = ("timm", "torchvision")
 
 
@@ -86,92 +86,6 @@ class Plan(NamedTuple):
     stem: int
     blocks: tuple[BlockSpec, ...]
     head: int
-
-
-# Initialisers of the references: convs N(0, 2 / fan_out); for a depthwise kernel torchvision's
-# fan_out is C*k*k while TF/timm's is k*k (= flax's fan_in of a [k, k, 1, C] kernel); the
-# classifier U(+-1/sqrt(num_classes)), bias 0.
-DEPTHWISE_INIT = {"torchvision": conv_init,
-                  "timm": nn.initializers.variance_scaling(2.0, "fan_in", "normal")}
-CLASSIFIER_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
-
-
-def _conv(features: int, kernel: int, stride: int, padding: str, *, groups: int = 1,
-          kernel_init: Callable = conv_init, dtype: Dtype, name: str) -> nn.Module:
-    """A bias-free conv; depthwise (groups = features, as in the blocks) is a `DepthwiseConv`."""
-    pad = "SAME" if padding == "same" else sym_padding(kernel)
-    return conv_module(features, groups)(features, (kernel, kernel), strides=stride, padding=pad, use_bias=False, dtype=dtype,
-                kernel_init=kernel_init, name=name)
-
-
-class SqueezeExcite(nn.Module):
-    """Pool -> 1x1 conv (reduce) -> act -> 1x1 conv (expand) -> sigmoid gate, with the
-    reference's submodule names (timm conv_reduce/conv_expand, torchvision fc1/fc2)."""
-    reduced: int
-    act: str | Callable = "swish"
-    dtype: Dtype = jnp.float32
-    reduce_name: str = "conv_reduce"
-    expand_name: str = "conv_expand"
-
-    @nn.compact
-    def __call__(self, x):
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = nn.Conv(self.reduced, (1, 1), dtype=self.dtype, kernel_init=conv_init, name=self.reduce_name)(s)
-        s = activation(self.act)(s)
-        s = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, kernel_init=conv_init, name=self.expand_name)(s)
-        return x * nn.sigmoid(s)
-
-
-def _block_names(naming: str, expand: bool, se: bool) -> dict[str, tuple[str, ...]]:
-    """Submodule names of one block: {'expand'?, 'dw', 'se'?, 'project'} -> (conv, norm) or
-    (se module, reduce, expand)."""
-    if naming == "timm":
-        if expand:
-            names = dict(expand=("conv_pw", "bn1"), dw=("conv_dw", "bn2"), project=("conv_pwl", "bn3"))
-        else:
-            names = dict(dw=("conv_dw", "bn1"), project=("conv_pw", "bn2"))
-        if se:
-            names["se"] = ("se", "conv_reduce", "conv_expand")
-        return names
-    order = (["expand"] if expand else []) + ["dw"] + (["se"] if se else []) + ["project"]
-    return {part: ((f"block_{k}", "fc1", "fc2") if part == "se" else (f"block_{k}_0", f"block_{k}_1"))
-            for k, part in enumerate(order)}
-
-
-class MBConv(nn.Module):
-    """Mobile inverted bottleneck: [1x1 expand -> norm -> act] -> kxk depthwise -> norm -> act
-    -> SE -> 1x1 project -> norm, plus drop-connect and the identity shortcut when the
-    stride is 1 and the channels match."""
-    spec: BlockSpec
-    norm: Callable[..., nn.Module]
-    act: str | Callable = "swish"
-    padding: str = "same"
-    naming: str = "timm"
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        s = self.spec
-        act = activation(self.act)
-        expand = s.mid_channels != s.in_channels
-        names = _block_names(self.naming, expand, s.se_channels > 0)
-        y = x
-        if expand:
-            conv, bn = names["expand"]
-            y = act(self.norm(name=bn)(_conv(s.mid_channels, 1, 1, self.padding, dtype=self.dtype, name=conv)(y)))
-        conv, bn = names["dw"]
-        y = _conv(s.mid_channels, s.kernel, s.stride, self.padding, groups=s.mid_channels,
-                  kernel_init=DEPTHWISE_INIT[self.naming], dtype=self.dtype, name=conv)(y)
-        y = act(self.norm(name=bn)(y))
-        if s.se_channels:
-            se, reduce_name, expand_name = names["se"]
-            y = SqueezeExcite(s.se_channels, self.act, self.dtype, reduce_name, expand_name, name=se)(y)
-        conv, bn = names["project"]
-        y = self.norm(name=bn)(_conv(s.out_channels, 1, 1, self.padding, dtype=self.dtype, name=conv)(y))
-        if s.stride == 1 and s.in_channels == s.out_channels:
-            y = DropPath(s.drop_rate)(y, deterministic=not train)
-            y = x + y
-        return y
 
 
 class EfficientNet(nn.Module):
@@ -259,49 +173,24 @@ class EfficientNet(nn.Module):
         plan = self.plan()
         norm = make_norm(self.norm, train=train, momentum=self.bn_momentum, epsilon=self.bn_eps,
                          dtype=self.dtype)
-        act = activation(self.act)
         tv = self.naming == "torchvision"
-        x = x.astype(self.dtype)
-        x = _conv(plan.stem, 3, 2, self.padding, dtype=self.dtype, name="features_0_0" if tv else "conv_stem")(x)
-        x = act(norm(name="features_0_1" if tv else "bn1")(x))
+        unit = functools.partial(conv_bn, act=self.act, norm=norm, padding=PADDINGS[self.padding],
+                                 dtype=self.dtype)
+        x = unit(x.astype(self.dtype), plan.stem, 3, 2,
+                 names=("features_0_0", "features_0_1") if tv else ("conv_stem", "bn1"))
+        block = functools.partial(InvertedResidual, act=self.act, se_act=self.act, naming=self.naming,
+                                  padding=PADDINGS[self.padding], norm=norm, dtype=self.dtype)
         for b in plan.blocks:
             name = f"features_{b.stage + 1}_{b.index}" if tv else f"blocks_{b.stage}_{b.index}"
-            x = MBConv(b, norm, self.act, self.padding, self.naming, self.dtype, name=name)(x, train)
+            x = block(b.out_channels, b.mid_channels, b.kernel, b.stride, se_features=b.se_channels,
+                      drop_rate=b.drop_rate, name=name)(x, train)
         last = f"features_{len(self.blocks) + 1}"
-        x = _conv(plan.head, 1, 1, self.padding, dtype=self.dtype, name=f"{last}_0" if tv else "conv_head")(x)
-        x = act(norm(name=f"{last}_1" if tv else "bn2")(x))
+        x = unit(x, plan.head, 1, names=(f"{last}_0", f"{last}_1") if tv else ("conv_head", "bn2"))
         x = global_avg_pool(x)
         if not self.include_top:
             return x
-        if self.dropout > 0:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=CLASSIFIER_INIT,
-                        name="classifier_1" if tv else "classifier")(x)
-
-
-def efficientnet_from_coefficients(width: float, depth: float, resolution: int,
-                                   **fields: Any) -> tuple[EfficientNet, int]:
-    """(EfficientNet(width=width, depth=depth, **fields), resolution), validated."""
-    if int(resolution) != resolution or resolution < 1:
-        raise ValueError(f"model.resolution: must be a positive integer, got {resolution!r}.")
-    return EfficientNet(width=width, depth=depth, **fields), int(resolution)
-
-
-def efficientnet_from_compound(phi: float, alpha: float = scaling_rules.PAPER_ALPHA,
-                               beta: float = scaling_rules.PAPER_BETA,
-                               gamma: float = scaling_rules.PAPER_GAMMA, base_resolution: int = 224,
-                               *, target: float | None = 2.0, tol: float = 0.1,
-                               resolution_divisor: int = 1, **fields: Any) -> tuple[EfficientNet, int]:
-    """Compound-scaled EfficientNet: depth alpha^phi, width beta^phi, resolution
-    base_resolution * gamma^phi (rounded to `resolution_divisor`). Checks
-    alpha * beta^2 * gamma^2 against `target` +- `tol` unless `target` is None.
-    Returns (module, resolution); `fields` go to the module (e.g. a smaller `blocks` table).
-    """
-    if target is not None:
-        scaling_rules.check_constraint(alpha, beta, gamma, target, tol)
-    c = scaling_rules.compound_coefficients(phi, alpha, beta, gamma)
-    resolution = scaling_rules.scaled_resolution(base_resolution, c.resolution_factor, resolution_divisor)
-    return efficientnet_from_coefficients(c.width, c.depth, resolution, **fields)
+        return classifier(x, self.num_classes, self.dropout, train, self.dtype,
+                          "classifier_1" if tv else "classifier", classifier_init)
 
 
 # Eval transforms of the reference weights: torchvision's (crop, resize) per variant (b2 at

@@ -22,21 +22,20 @@ without). In train mode the model then returns `(logits, aux1, aux2)` (torchvisi
 `include_top=False`, only the logits / features. `scaling.train.step` trains on the main loss
 plus `aux_weight` (the paper's 0.3) times each auxiliary loss; evaluation sees the main head only.
 
-The pieces shared with the later Inception networks (`max_pool` with torch's ceil mode,
-`scaled` channel counts, `final_pool`, `transform_input`) live here.
+The pieces shared with the later Inception networks (`scaled` channel counts, `final_pool`,
+`transform_input`, `InceptionNet`) live here.
 """
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from scaling.models.layers import ConvNormAct, Dtype, dense_init, global_avg_pool, make_norm
+from scaling.models.layers import (ConvNormAct, Dtype, adaptive_avg_pool, classifier, dense_init,
+                                   global_avg_pool, make_norm, max_pool, torch_flatten)
 from scaling.models.registry import register_model
-from scaling.models.resnet import classifier
 
 
 def scaled(channels: int, width_multiplier: float) -> int:
@@ -57,36 +56,6 @@ def final_pool(x, min_resolution: int):
                          f"grid is {x.shape[1]}x{x.shape[2]}); use at least "
                          f"{min_resolution}x{min_resolution}.")
     return global_avg_pool(x)
-
-
-def max_pool(x, kernel: int, strides: int, padding: int = 0, ceil_mode: bool = False):
-    """torch `MaxPool2d(kernel, strides, padding, ceil_mode)` on NHWC input.
-
-    With `ceil_mode` the output size is rounded up; the extra last window may run past the
-    input (into -inf padding) but must start inside it, as in torch.
-    """
-    pads = []
-    for size in x.shape[1:3]:
-        span = size + 2 * padding - kernel
-        out = span // strides + 1
-        if ceil_mode:
-            out = math.ceil(span / strides) + 1
-            if (out - 1) * strides >= size + padding:
-                out -= 1
-        extra = max(0, (out - 1) * strides + kernel - (size + 2 * padding))
-        pads.append((padding, padding + extra))
-    return nn.max_pool(x, (kernel, kernel), (strides, strides), padding=tuple(pads))
-
-
-def adaptive_avg_pool(x, size: int):
-    """torch `adaptive_avg_pool2d(x, size)`: output cell i averages input rows
-    floor(i H / size) .. ceil((i + 1) H / size) (likewise columns). NHWC."""
-    def bounds(n):
-        return [((i * n) // size, -(-((i + 1) * n) // size)) for i in range(size)]
-    h, w = x.shape[1:3]
-    rows = [jnp.stack([x[:, a:b, c:d].mean(axis=(1, 2)) for c, d in bounds(w)], axis=1)
-            for a, b in bounds(h)]
-    return jnp.stack(rows, axis=1)
 
 
 def transform_input(x):
@@ -131,9 +100,7 @@ class InceptionAux(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = adaptive_avg_pool(x, 4)
-        x = self.conv(self.channels, 1, name="conv")(x)
-        # torch flattens NCHW: channel-major order, so fc1 rows map onto torch's directly.
-        x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+        x = torch_flatten(self.conv(self.channels, 1, name="conv")(x))
         x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x))
         return classifier(x, self.num_classes, self.dropout, train, self.dtype, name="fc2")
 

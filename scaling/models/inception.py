@@ -42,10 +42,9 @@ from typing import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from scaling.models.googlenet import InceptionNet, max_pool, transform_input
-from scaling.models.layers import Dtype, global_avg_pool
+from scaling.models.googlenet import InceptionNet, transform_input
+from scaling.models.layers import Dtype, classifier, global_avg_pool, max_pool
 from scaling.models.registry import register_model
-from scaling.models.resnet import classifier
 
 VALID = "VALID"  # torch padding=0; ConvNormAct's default is torch's symmetric k // 2
 

@@ -1,5 +1,6 @@
 """Pieces shared by the model families: normalization factory, activations, conv helpers,
-squeeze-and-excitation, stochastic depth.
+squeeze-and-excitation, the inverted residual block, stochastic depth, the classifier and
+torch-style pools.
 
 Normalization is chosen by name (`norm='batch'|'layer'|'instance'|'group'`). BatchNorm is
 the default and the exact one of the reference models. Under `jax.jit` with a batch sharded
@@ -22,6 +23,11 @@ NORMS = ("batch", "layer", "instance", "group")
 # torchvision initialisers: kaiming-normal fan_out for convs; Linear default for heads.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# kaiming-normal fan_in: torchvision's DenseNet convs; timm's (TF's) depthwise kernels, whose
+# fan_out k*k*C / groups is flax's fan_in of a [k, k, 1, C] kernel.
+conv_init_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+# timm's MobileNet / EfficientNet classifier: U(+-1/sqrt(num_classes)).
+classifier_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 
 
 class GroupNorm(nn.Module):
@@ -50,22 +56,21 @@ class GroupNorm(nn.Module):
 
 
 def make_norm(kind: str = "batch", *, train: bool = False, momentum: float = 0.9,
-              epsilon: float = 1e-5, dtype: Dtype | None = None, groups: int = 32,
-              axis_name: str | None = None) -> Callable[..., nn.Module]:
+              epsilon: float = 1e-5, dtype: Dtype | None = None) -> Callable[..., nn.Module]:
     """Returns a constructor `norm(name=None, scale_init=...)` for the chosen normalization.
 
     `momentum` is flax's (= 1 - torch momentum: torch 0.1 -> 0.9; Keras/TF 0.99 -> 0.99).
     """
     if kind == "batch":
         return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum,
-                                 epsilon=epsilon, dtype=dtype, axis_name=axis_name)
+                                 epsilon=epsilon, dtype=dtype)
     if kind == "layer":
         return functools.partial(GroupNorm, num_groups=1, epsilon=epsilon, dtype=dtype)
     if kind == "instance":
         return functools.partial(GroupNorm, num_groups=None, group_size=1, epsilon=epsilon,
                                  dtype=dtype)
     if kind == "group":
-        return functools.partial(GroupNorm, num_groups=groups, epsilon=epsilon, dtype=dtype)
+        return functools.partial(GroupNorm, num_groups=32, epsilon=epsilon, dtype=dtype)
     raise ValueError(f"model.norm: unknown normalization {kind!r}; use one of {', '.join(NORMS)}.")
 
 
@@ -338,60 +343,139 @@ class DepthwiseConv(nn.Module):
         return y if bias is None else y + bias
 
 
-def conv_module(features: int, groups: int = 1, in_features: int | None = None) -> Callable[..., nn.Module]:
-    """The conv constructor for `groups`: a `DepthwiseConv` (the same variables as nn.Conv) when
-    groups = features (= `in_features` when given), else `nn.Conv(feature_group_count=groups)`."""
+def conv(features: int, kernel: int | Sequence[int], strides: int = 1, *, padding: Any = None,
+         groups: int = 1, in_features: int | None = None, use_bias: bool = False,
+         kernel_init: Callable = conv_init, small_maps: bool = False, dtype: Dtype = jnp.float32,
+         name: str | None = None) -> nn.Module:
+    """A 2-D conv module, by default torch's `Conv2d(padding=(k-1)//2, bias=False)`.
+
+    `padding=None` is torch's symmetric (k-1)//2; 'SAME' is TensorFlow's (asymmetric at
+    stride 2); 'VALID', ints or (lo, hi) pairs as `nn.Conv`. A depthwise conv (groups =
+    features = `in_features` when given) is a `DepthwiseConv`, with the same variables.
+    `small_maps` runs convs with output maps of a few pixels as a matmul (`conv_general_dilated`).
+    """
+    ks = _pair(kernel)
+    kw = dict(strides=strides, padding=sym_padding(ks) if padding is None else padding, use_bias=use_bias,
+              dtype=dtype, kernel_init=kernel_init, name=name)
     if groups > 1 and groups == features and in_features in (None, features):
-        return DepthwiseConv
-    return functools.partial(nn.Conv, feature_group_count=groups)
+        return DepthwiseConv(features, ks, **kw)
+    return nn.Conv(features, ks, feature_group_count=groups,
+                   conv_general_dilated=conv_general_dilated if small_maps else None, **kw)
+
+
+def conv_bn(x, features: int, kernel: int | Sequence[int], strides: int = 1, *, act: str | Callable | None,
+            norm: Callable[..., nn.Module], names: tuple[str, str], groups: int = 1, padding: Any = None,
+            kernel_init: Callable = conv_init, dtype: Dtype = jnp.float32):
+    """`conv` (no bias) -> norm -> optional activation, the conv and norm named `names` in the
+    calling module."""
+    x = conv(features, kernel, strides, padding=padding, groups=groups, in_features=x.shape[-1],
+             kernel_init=kernel_init, dtype=dtype, name=names[0])(x)
+    x = norm(name=names[1])(x)
+    return x if act is None else activation(act)(x)
 
 
 class ConvNormAct(nn.Module):
-    """conv -> norm -> activation, the stem and building unit of most conv families.
-
-    `padding='SAME'` is TensorFlow's (asymmetric at stride 2); `padding=None` is torch's
-    symmetric (k-1)//2. A depthwise conv (groups = features = input channels) is a
-    `DepthwiseConv`, with the same variables.
-    """
+    """`conv_bn` as a module with submodules `conv` and `bn` (torchvision's `BasicConv2d`)."""
     features: int
     kernel_size: int | Sequence[int] = 3
     strides: int = 1
-    groups: int = 1
     padding: Any = None
     act: str | Callable | None = "relu"
-    norm: Callable[..., nn.Module] | None = None
-    use_bias: bool = False
+    norm: Callable[..., nn.Module] = nn.BatchNorm
     dtype: Dtype = jnp.float32
-    conv_name: str = "conv"
-    norm_name: str = "bn"
 
     @nn.compact
     def __call__(self, x):
-        ks = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
-        pad = sym_padding(ks) if self.padding is None else self.padding
-        x = conv_module(self.features, self.groups, x.shape[-1])(self.features, ks, strides=self.strides, padding=pad, use_bias=self.use_bias,
-                 dtype=self.dtype, kernel_init=conv_init, name=self.conv_name)(x)
-        if self.norm is not None:
-            x = self.norm(name=self.norm_name)(x)
-        if self.act is not None:
-            x = activation(self.act)(x)
-        return x
+        return conv_bn(x, self.features, self.kernel_size, self.strides, act=self.act, norm=self.norm,
+                       names=("conv", "bn"), padding=self.padding, dtype=self.dtype)
 
 
 class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation: global pool -> reduce (1x1 conv) -> act -> expand -> gate."""
+    """Squeeze-and-excitation: global pool -> 1x1 conv (`reduced`) -> act -> 1x1 conv back to
+    the input width -> gate -> scale the input. `names` of the two convs: torchvision's
+    (fc1, fc2) or timm's (conv_reduce, conv_expand)."""
     reduced: int
     act: str | Callable = "relu"
     gate: str | Callable = "sigmoid"
+    names: tuple[str, str] = ("fc1", "fc2")
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = nn.Conv(self.reduced, (1, 1), dtype=self.dtype, name="reduce")(s)
+        s = nn.Conv(self.reduced, (1, 1), dtype=self.dtype, kernel_init=conv_init, name=self.names[0])(s)
         s = activation(self.act)(s)
-        s = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="expand")(s)
+        s = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, kernel_init=conv_init, name=self.names[1])(s)
         return x * activation(self.gate)(s)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2/V3's inverted residual, EfficientNet's MBConv: [1x1 expand -> norm -> act]
+    (when `expanded` differs from the input width) -> kxk depthwise (strided) -> norm -> act ->
+    [squeeze-excite] -> 1x1 project -> norm [-> `project_act`], plus drop-path and the identity
+    when `skip`, stride 1 and the widths match. With `expanded` equal to the input width this
+    is the depthwise-separable block (MobileNetV1: `project_act='relu6'`, `skip=False`).
+
+    `padding` as `conv`: None torch's, 'SAME' TensorFlow's. `naming` picks the reference's
+    module names and depthwise init: 'timm' (`conv_pw`, `bn1`, `conv_dw`, `bn2`,
+    `se/{conv_reduce,conv_expand}`, `conv_pwl`, `bn3`; without expansion `conv_dw`, `bn1`, `se`,
+    `conv_pw`, `bn2`), 'torchvision' (unit k = expand, depthwise, SE, project: conv
+    `block_{k}_0`, norm `block_{k}_1`, SE `block_{k}/{fc1,fc2}`; MobileNetV3, EfficientNet) or
+    'torchvision_v2' (`conv_{k}_0`, `conv_{k}_1`; the projection a bare conv `conv_{k}`, norm
+    `conv_{k+1}`).
+    """
+    features: int
+    expanded: int
+    kernel_size: int = 3
+    strides: int = 1
+    act: str | Callable = "relu6"
+    project_act: str | Callable | None = None
+    se_features: int = 0
+    se_act: str | Callable = "relu"
+    se_gate: str | Callable = "sigmoid"
+    skip: bool = True
+    drop_rate: float = 0.0
+    padding: Any = None
+    naming: str = "torchvision_v2"
+    norm: Callable[..., nn.Module] = nn.BatchNorm
+    dtype: Dtype = jnp.float32
+
+    def layer_names(self, expand: bool) -> dict[str, tuple[str, ...]]:
+        """{'expand'?, 'dw', 'se', 'project'} -> (conv, norm) names, or (module, reduce, expand) for 'se'."""
+        if self.naming == "timm":
+            if expand:
+                names = dict(expand=("conv_pw", "bn1"), dw=("conv_dw", "bn2"), project=("conv_pwl", "bn3"))
+            else:
+                names = dict(dw=("conv_dw", "bn1"), project=("conv_pw", "bn2"))
+            return {**names, "se": ("se", "conv_reduce", "conv_expand")}
+        seq = "conv" if self.naming == "torchvision_v2" else "block"
+        units = (["expand"] if expand else []) + ["dw"] + (["se"] if self.se_features else [])
+        names: dict = {u: (f"{seq}_{i}_0", f"{seq}_{i}_1") for i, u in enumerate(units)}
+        names["se"] = (f"{seq}_{len(units) - 1}", "fc1", "fc2")
+        i = len(units)
+        names["project"] = ((f"{seq}_{i}", f"{seq}_{i + 1}") if self.naming == "torchvision_v2"
+                            else (f"{seq}_{i}_0", f"{seq}_{i}_1"))
+        return names
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        in_features = x.shape[-1]
+        expand = self.expanded != in_features
+        names = self.layer_names(expand)
+        unit = functools.partial(conv_bn, norm=self.norm, padding=self.padding, dtype=self.dtype)
+        y = x
+        if expand:
+            y = unit(y, self.expanded, 1, act=self.act, names=names["expand"])
+        y = unit(y, self.expanded, self.kernel_size, self.strides, groups=self.expanded, act=self.act,
+                 kernel_init=conv_init_fan_in if self.naming == "timm" else conv_init, names=names["dw"])
+        if self.se_features:
+            se, *conv_names = names["se"]
+            y = SqueezeExcite(self.se_features, self.se_act, self.se_gate, tuple(conv_names), self.dtype,
+                              name=se)(y)
+        y = unit(y, self.features, 1, act=self.project_act, names=names["project"])
+        if self.skip and self.strides == 1 and in_features == self.features:
+            y = x + DropPath(self.drop_rate)(y, deterministic=not train)
+        return y
 
 
 class DropPath(nn.Module):
@@ -414,17 +498,51 @@ def global_avg_pool(x):
     return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
 
 
-class Head(nn.Module):
-    """Optional dropout then the final linear classifier (named `fc` unless told)."""
-    num_classes: int
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
+def classifier(x, num_classes: int, dropout: float, train: bool, dtype: Dtype, name: str = "fc",
+               kernel_init: Callable = dense_init):
+    """Optional dropout, then the linear classifier (torch `Linear`, named like the reference)."""
+    if dropout > 0:
+        x = nn.Dropout(dropout, deterministic=not train)(x)
+    return nn.Dense(num_classes, dtype=dtype, kernel_init=kernel_init, name=name)(x)
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        if self.dropout > 0:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_init)(x)
+
+def max_pool(x, kernel: int, strides: int, padding: int = 0, ceil_mode: bool = False):
+    """torch `MaxPool2d(kernel, strides, padding, ceil_mode)` on NHWC, with torch's output size:
+    with `ceil_mode` rounded up, the extra last window may run past the input (into -inf
+    padding) but must start inside it."""
+    pads = []
+    for size in x.shape[1:3]:
+        span = size + 2 * padding - kernel
+        out = (span + (strides - 1 if ceil_mode else 0)) // strides + 1
+        if ceil_mode and (out - 1) * strides >= size + padding:
+            out -= 1
+        if out < 1:
+            raise ValueError(f"model input resolution: a {size}x{size} feature map is too small for a "
+                             f"{kernel}x{kernel} max pool; use a larger input resolution.")
+        pads.append((padding, padding + max(0, (out - 1) * strides + kernel - (size + 2 * padding))))
+    return nn.max_pool(x, (kernel, kernel), (strides, strides), padding=tuple(pads))
+
+
+def adaptive_avg_pool(x, size: int):
+    """torch `AdaptiveAvgPool2d(size)` on NHWC: bin i of n covers
+    [floor(i n / size), ceil((i + 1) n / size)), so a smaller map is replicated (1x1 -> 7x7).
+    Slices and means only (no matmul), so it adds no MACs; the identity when sizes match."""
+    for axis in (1, 2):
+        n = x.shape[axis]
+        if n == size:
+            continue
+        if n % size == 0:
+            x = x.reshape(x.shape[:axis] + (size, n // size) + x.shape[axis + 1:]).mean(axis=axis + 1)
+            continue
+        bins = [(i * n // size, -(-(i + 1) * n // size)) for i in range(size)]
+        x = jnp.stack([jax.lax.slice_in_dim(x, lo, hi, axis=axis).mean(axis=axis) for lo, hi in bins],
+                      axis=axis)
+    return x
+
+
+def torch_flatten(x):
+    """NHWC -> [N, C*H*W] in torch's NCHW order, so torch Linear weights load unpermuted."""
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
 class LocalResponseNorm(nn.Module):

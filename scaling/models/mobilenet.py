@@ -12,10 +12,10 @@ model here runs at any resolution that survives its five stride-2 stages (32 and
 - `MobileNetV2`: torchvision's layout (inverted residuals with linear bottlenecks, ReLU6,
   classifier dropout 0.2). `naming='timm'` keeps the same network but names modules as timm's
   `mobilenetv2_*` (used by `mobilenet_v2_050`, a timm model). Channels are
-  `make_divisible(c * alpha, 8)`; the last conv stays 1280 for alpha <= 1 (torchvision, timm
+  `round_filters(c, alpha)` (multiples of 8); the last conv stays 1280 for alpha <= 1 (torchvision, timm
   and Keras agree on all of this at alpha 0.5). BatchNorm eps 1e-5, flax momentum 0.9.
 - `MobileNetV3`: torchvision's large/small (hard-swish, squeeze-excite gated by a hard
-  sigmoid, SE width `make_divisible(expanded // 4, 8)`, channels rounded to multiples of 8,
+  sigmoid, SE width `round_filters(expanded // 4, 1.0)`, channels rounded to multiples of 8,
   classifier Linear -> hard-swish -> dropout -> Linear). BatchNorm eps 1e-3, torch momentum
   0.01 -> flax 0.99.
 
@@ -28,25 +28,20 @@ it: torchvision `features.2.conv.0.0.weight` -> `features_2/conv_0_0/kernel`,
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from scaling.models.layers import (Dtype, activation, conv_module, dense_init, global_avg_pool,
-                                   make_norm, sym_padding)
+from scaling.models.layers import (Dtype, InvertedResidual, activation, classifier, classifier_init,
+                                   conv_bn, global_avg_pool, make_norm)
 from scaling.models.registry import register_model
+from scaling.scaling_rules import round_filters
 
 NAMINGS = ("torchvision", "timm")
 V3_ARCHS = ("large", "small")
-
-
-def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """Nearest multiple of `divisor` (at least `min_value`), one step up if that lost over 10 %:
-    torchvision's `_make_divisible`, timm's `make_divisible` / `round_channels`."""
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    return new_v + divisor if new_v < 0.9 * v else new_v
+# Classifier init: torchvision MobileNetV2/V3 normal(0, 0.01); timm U(+-1/sqrt(num_classes)).
+HEAD_INIT = {"torchvision": nn.initializers.normal(0.01), "timm": classifier_init}
 
 
 def _check_alpha(alpha: float) -> None:
@@ -59,114 +54,6 @@ def _check_naming(naming: str) -> None:
         raise ValueError(f"model.naming: unknown naming {naming!r}; use one of {', '.join(NAMINGS)}.")
 
 
-# torchvision: kaiming-normal fan_out on the full weight; timm (`_init_weight_goog`): normal
-# with std sqrt(2 / (k * k * out / groups)), i.e. fan_out divided by the groups.
-def _conv_init(naming: str, groups: int) -> Callable:
-    scale = 2.0 * groups if naming == "timm" else 2.0
-    return nn.initializers.variance_scaling(scale, "fan_out", "normal")
-
-
-def _head_init(naming: str) -> Callable:
-    # torchvision MobileNetV2/V3: normal(0, 0.01); timm: uniform(+-1/sqrt(num_classes)).
-    if naming == "timm":
-        return nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
-    return nn.initializers.normal(0.01)
-
-
-def conv_bn(x, features: int, kernel: int, strides: int = 1, *, groups: int = 1,
-            act: str | Callable | None, norm: Callable, names: tuple[str, str],
-            naming: str = "torchvision", dtype: Dtype = jnp.float32):
-    """torch `Conv2d(bias=False, padding=k//2)` -> norm -> optional activation, named `names`.
-    A depthwise conv (groups = features = input channels) is a `DepthwiseConv`."""
-    x = conv_module(features, groups, x.shape[-1])(features, (kernel, kernel), strides=strides, padding=sym_padding(kernel), use_bias=False,
-             dtype=dtype, kernel_init=_conv_init(naming, groups), name=names[0])(x)
-    x = norm(name=names[1])(x)
-    return x if act is None else activation(act)(x)
-
-
-class SqueezeExcitation(nn.Module):
-    """torchvision `SqueezeExcitation`: pool -> fc1 (1x1 conv) -> ReLU -> fc2 -> gate -> scale."""
-    squeeze: int
-    gate: str = "hard_sigmoid"
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        init = _conv_init("torchvision", 1)
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = nn.relu(nn.Conv(self.squeeze, (1, 1), dtype=self.dtype, kernel_init=init, name="fc1")(s))
-        s = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, kernel_init=init, name="fc2")(s)
-        return x * activation(self.gate)(s)
-
-
-class InvertedResidual(nn.Module):
-    """[1x1 expand -> norm -> act] (only when `expanded` differs from the input width) ->
-    kxk depthwise (strided) -> norm -> act -> [squeeze-excite] -> 1x1 project -> norm
-    [-> `project_act`], plus the identity when `skip`, stride 1 and the shapes match.
-
-    With `expanded` equal to the input width this is the depthwise-separable block (v1 with
-    `project_act='relu6'`, `skip=False`; the first v2 block). `naming` picks the reference's
-    module names: 'torchvision_v2' (`conv_i_j`), 'torchvision_v3' (`block_i_j`) or 'timm'
-    (`conv_pw`, `bn1`, `conv_dw`, `bn2`, `conv_pwl`, `bn3`; depthwise-separable: `conv_dw`,
-    `bn1`, `conv_pw`, `bn2`).
-    """
-    features: int
-    expanded: int
-    kernel_size: int = 3
-    strides: int = 1
-    act: str | Callable = "relu6"
-    project_act: str | Callable | None = None
-    se_features: int = 0
-    skip: bool = True
-    naming: str = "torchvision_v2"
-    norm: Callable[..., nn.Module] = nn.BatchNorm
-    dtype: Dtype = jnp.float32
-
-    def layer_names(self, expand: bool) -> dict[str, tuple[str, str] | str]:
-        if self.naming == "timm":
-            if expand:
-                return dict(expand=("conv_pw", "bn1"), dw=("conv_dw", "bn2"), se="se",
-                            project=("conv_pwl", "bn3"))
-            return dict(dw=("conv_dw", "bn1"), se="se", project=("conv_pw", "bn2"))
-        # torchvision: a Sequential (`conv` in v2, `block` in v3) of Conv2dNormActivation
-        # units (conv at .0, norm at .1); v2's projection is a bare conv then a norm.
-        seq = "block" if self.naming == "torchvision_v3" else "conv"
-        units = (["expand"] if expand else []) + ["dw"] + (["se"] if self.se_features else [])
-        names: dict = {u: (f"{seq}_{i}_0", f"{seq}_{i}_1") for i, u in enumerate(units)}
-        if self.se_features:
-            names["se"] = f"{seq}_{len(units) - 1}"
-        i = len(units)
-        names["project"] = ((f"{seq}_{i}_0", f"{seq}_{i}_1") if self.naming == "torchvision_v3"
-                            else (f"{seq}_{i}", f"{seq}_{i + 1}"))
-        return names
-
-    @nn.compact
-    def __call__(self, x):
-        in_features = x.shape[-1]
-        expand = self.expanded != in_features
-        names = self.layer_names(expand)
-        style = "timm" if self.naming == "timm" else "torchvision"
-        unit = functools.partial(conv_bn, norm=self.norm, naming=style, dtype=self.dtype)
-        y = x
-        if expand:
-            y = unit(y, self.expanded, 1, act=self.act, names=names["expand"])
-        y = unit(y, self.expanded, self.kernel_size, self.strides, groups=self.expanded, act=self.act,
-                 names=names["dw"])
-        if self.se_features:
-            y = SqueezeExcitation(self.se_features, dtype=self.dtype, name=names["se"])(y)
-        y = unit(y, self.features, 1, act=self.project_act, names=names["project"])
-        if self.skip and self.strides == 1 and in_features == self.features:
-            y = x + y
-        return y
-
-
-def _classifier(x, num_classes: int, dropout: float, train: bool, dtype: Dtype, name: str,
-                kernel_init: Callable = dense_init):
-    if dropout > 0:
-        x = nn.Dropout(dropout, deterministic=not train)(x)
-    return nn.Dense(num_classes, dtype=dtype, kernel_init=kernel_init, name=name)(x)
-
-
 # (channels, repeats, stride of the first block) per stage; timm `dsa_r{n}_k3_s{s}_c{c}`.
 V1_STAGES = ((64, 1, 1), (128, 2, 2), (256, 2, 2), (512, 6, 2), (1024, 2, 2))
 
@@ -174,7 +61,7 @@ V1_STAGES = ((64, 1, 1), (128, 2, 2), (256, 2, 2), (512, 6, 2), (1024, 2, 2))
 class MobileNetV1(nn.Module):
     """MobileNet v1 (Howard et al. 2017), timm `mobilenetv1_*` layout and names.
 
-    `alpha` scales every width (`make_divisible(c * alpha, 8)`, stem included, as timm);
+    `alpha` scales every width (`round_filters(c, alpha)`, stem included, as timm);
     `stages` is the (channels, repeats, stride) table. ReLU6 throughout.
     """
     alpha: float = 1.0
@@ -192,18 +79,17 @@ class MobileNetV1(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm = make_norm(self.norm, train=train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-        x = conv_bn(x.astype(self.dtype), make_divisible(32 * self.alpha), 3, 2, act="relu6", norm=norm,
-                    names=("conv_stem", "bn1"), naming="timm", dtype=self.dtype)
+        x = conv_bn(x.astype(self.dtype), round_filters(32, self.alpha), 3, 2, act="relu6", norm=norm,
+                    names=("conv_stem", "bn1"), dtype=self.dtype)
         for i, (c, n, s) in enumerate(self.stages):
             for j in range(n):
-                x = InvertedResidual(make_divisible(c * self.alpha), x.shape[-1], 3, s if j == 0 else 1,
+                x = InvertedResidual(round_filters(c, self.alpha), x.shape[-1], 3, s if j == 0 else 1,
                                      act="relu6", project_act="relu6", skip=False, naming="timm",
                                      norm=norm, dtype=self.dtype, name=f"blocks_{i}_{j}")(x)
         x = global_avg_pool(x)
         if not self.include_top:
             return x
-        return _classifier(x, self.num_classes, self.dropout, train, self.dtype, "classifier",
-                           _head_init("timm"))
+        return classifier(x, self.num_classes, self.dropout, train, self.dtype, "classifier", classifier_init)
 
 
 # torchvision `inverted_residual_setting`: expansion t, channels c, repeats n, first stride s.
@@ -214,9 +100,9 @@ V2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96
 class MobileNetV2(nn.Module):
     """MobileNetV2 (Sandler et al. 2018), torchvision layout.
 
-    Stem 3x3/2 with `make_divisible(32 alpha)` channels, the (t, c, n, s) table of inverted
-    residuals (hidden width round(in x t), channels `make_divisible(c alpha)`), a 1x1 conv to
-    `make_divisible(last_channel x max(1, alpha))` (1280 for alpha <= 1), pool, dropout, linear.
+    Stem 3x3/2 with `round_filters(32, alpha)` channels, the (t, c, n, s) table of inverted
+    residuals (hidden width round(in x t), channels `round_filters(c, alpha)`), a 1x1 conv to
+    `round_filters(last_channel, max(1, alpha))` (1280 for alpha <= 1), pool, dropout, linear.
     `naming='timm'` names the same modules as timm's `mobilenetv2_*`.
     """
     alpha: float = 1.0
@@ -242,26 +128,26 @@ class MobileNetV2(nn.Module):
     def __call__(self, x, train: bool = False):
         timm = self.naming == "timm"
         norm = make_norm(self.norm, train=train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-        rnd = functools.partial(make_divisible, divisor=self.round_nearest)
-        unit = functools.partial(conv_bn, act="relu6", norm=norm, naming=self.naming, dtype=self.dtype)
-        x = unit(x.astype(self.dtype), rnd(32 * self.alpha), 3, 2,
+        rnd = functools.partial(round_filters, divisor=self.round_nearest)
+        unit = functools.partial(conv_bn, act="relu6", norm=norm, dtype=self.dtype)
+        x = unit(x.astype(self.dtype), rnd(32, self.alpha), 3, 2,
                  names=("conv_stem", "bn1") if timm else ("features_0_0", "features_0_1"))
         index = 1
         for stage, (t, c, n, s) in enumerate(self.inverted_residual_setting):
             for j in range(n):
                 in_features = x.shape[-1]
-                x = InvertedResidual(rnd(c * self.alpha), int(round(in_features * t)), 3, s if j == 0 else 1,
+                x = InvertedResidual(rnd(c, self.alpha), int(round(in_features * t)), 3, s if j == 0 else 1,
                                      act="relu6", naming="timm" if timm else "torchvision_v2", norm=norm,
                                      dtype=self.dtype,
                                      name=f"blocks_{stage}_{j}" if timm else f"features_{index}")(x)
                 index += 1
-        x = unit(x, rnd(self.last_channel * max(1.0, self.alpha)), 1,
+        x = unit(x, rnd(self.last_channel, max(1.0, self.alpha)), 1,
                  names=("conv_head", "bn2") if timm else (f"features_{index}_0", f"features_{index}_1"))
         x = global_avg_pool(x)
         if not self.include_top:
             return x
-        return _classifier(x, self.num_classes, self.dropout, train, self.dtype,
-                           "classifier" if timm else "classifier_1", _head_init(self.naming))
+        return classifier(x, self.num_classes, self.dropout, train, self.dtype,
+                          "classifier" if timm else "classifier_1", HEAD_INIT[self.naming])
 
 
 # torchvision `_mobilenet_v3_conf` rows: kernel, expanded, out channels, SE, activation, stride
@@ -283,9 +169,9 @@ class MobileNetV3(nn.Module):
     """MobileNetV3 (Howard et al. 2019), torchvision layout and names.
 
     `arch` 'large' | 'small' picks the block table (or pass `inverted_residual_setting` rows
-    (kernel, expanded, out, se, 'RE'|'HS', stride)). Every width is `make_divisible(c alpha, 8)`;
+    (kernel, expanded, out, se, 'RE'|'HS', stride)). Every width is `round_filters(c, alpha)`;
     the last conv has 6x the last block's channels and the classifier's hidden layer
-    `make_divisible(last_channel alpha)`. `reduced_tail` halves the last stage, as torchvision.
+    `round_filters(last_channel, alpha)`. `reduced_tail` halves the last stage, as torchvision.
     `include_top=False` returns the pooled last-conv features (960 / 576 channels at alpha 1).
     """
     arch: str = "large"
@@ -326,26 +212,26 @@ class MobileNetV3(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm = make_norm(self.norm, train=train, momentum=0.99, epsilon=1e-3, dtype=self.dtype)
-        rnd = lambda c: make_divisible(c * self.alpha)  # noqa: E731
+        rnd = functools.partial(round_filters, width=self.alpha)
         rows, last_channel = self.block_table()
         unit = functools.partial(conv_bn, norm=norm, dtype=self.dtype)
         x = unit(x.astype(self.dtype), rnd(16), 3, 2, act="hard_swish", names=("features_0_0", "features_0_1"))
         for i, (k, e, c, se, a, s) in enumerate(rows):
             expanded = rnd(e)
             x = InvertedResidual(rnd(c), expanded, k, s, act=_V3_ACTS[a],
-                                 se_features=make_divisible(expanded // 4) if se else 0,
-                                 naming="torchvision_v3", norm=norm, dtype=self.dtype,
+                                 se_features=round_filters(expanded // 4, 1.0) if se else 0,
+                                 se_gate="hard_sigmoid", naming="torchvision", norm=norm, dtype=self.dtype,
                                  name=f"features_{i + 1}")(x)
         n = len(rows) + 1
         x = unit(x, 6 * x.shape[-1], 1, act="hard_swish", names=(f"features_{n}_0", f"features_{n}_1"))
         x = global_avg_pool(x)
         if not self.include_top:
             return x
-        x = nn.Dense(rnd(last_channel), dtype=self.dtype, kernel_init=_head_init("torchvision"),
+        x = nn.Dense(rnd(last_channel), dtype=self.dtype, kernel_init=HEAD_INIT["torchvision"],
                      name="classifier_0")(x)
         x = activation("hard_swish")(x)
-        return _classifier(x, self.num_classes, self.dropout, train, self.dtype, "classifier_3",
-                           _head_init("torchvision"))
+        return classifier(x, self.num_classes, self.dropout, train, self.dtype, "classifier_3",
+                          HEAD_INIT["torchvision"])
 
 
 for _name, _alpha in (("mobilenet_v1", 1.0), ("mobilenet_v1_075", 0.75), ("mobilenet_v1_050", 0.5),

@@ -19,29 +19,15 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from scaling.models.layers import (Dtype, conv_general_dilated, conv_init, dense_init, global_avg_pool,
-                                   make_norm)
+from scaling.models.layers import Dtype, classifier, conv, global_avg_pool, make_norm
 from scaling.models.registry import CIFAR10_MEAN, CIFAR10_STD, register_model
 
 BLOCKS = ("basic", "bottleneck")
 SHORTCUTS = ("A", "B")
 
 
-def torch_conv(features: int, kernel: int, strides: int = 1, *, groups: int = 1, dtype: Dtype,
-               name: str) -> nn.Conv:
-    """torch `Conv2d(kernel, stride, padding=kernel // 2, groups, bias=False)`; convs with tiny
-    output maps run as a matmul (`layers.conv_general_dilated`)."""
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=strides, padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=False, dtype=dtype, kernel_init=conv_init,
-                   conv_general_dilated=conv_general_dilated, name=name)
-
-
-def classifier(x, num_classes: int, dropout: float, train: bool, dtype: Dtype, name: str = "fc"):
-    """Optional dropout, then the linear head (torch `Linear`, named like the reference)."""
-    if dropout > 0:
-        x = nn.Dropout(dropout, deterministic=not train)(x)
-    return nn.Dense(num_classes, dtype=dtype, kernel_init=dense_init, name=name)(x)
+# torch `Conv2d(padding=k // 2, bias=False)`; convs with tiny output maps run as a matmul.
+torch_conv = functools.partial(conv, small_maps=True)
 
 
 def pad_shortcut(x, features: int, strides: int):

@@ -20,9 +20,9 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from scaling.models.layers import Dtype, global_avg_pool, make_norm
+from scaling.models.layers import Dtype, classifier, global_avg_pool, make_norm
 from scaling.models.registry import CIFAR10_MEAN, CIFAR10_STD, register_model
-from scaling.models.resnet import classifier, torch_conv
+from scaling.models.resnet import torch_conv
 
 _BLOCK_TYPE = re.compile(r"^B\((\d+(?:,\d+)*)\)$")
 
