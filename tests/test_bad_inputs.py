@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -243,3 +244,30 @@ def test_entry_point_prints_one_line(tmp_path):
                            capture_output=True, text=True, timeout=300)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+
+
+# ----------------------------------------------------------------------------- memory
+def test_a_step_larger_than_the_hosts_memory_stops_before_the_workdir(capsys, tmp_path, monkeypatch):
+    """On CPU a step that does not fit would be SIGKILLed by the kernel at its first call; the
+    launch instead compares XLA's estimate of the compiled step with the host's memory."""
+    from scaling.profile import compiled_memory
+    from scaling.train import run as run_lib
+
+    config = cli.load_config("configs/train.py:test", [])   # batch 16 on 8 devices
+    devices = jax.local_device_count()   # the host's devices share its memory
+
+    def need(batch_size):
+        config.train.batch_size = batch_size
+        return compiled_memory(run_lib.prepare(config).compile())["peak_bytes"] * devices
+
+    need8, need16 = need(8), need(16)
+    assert need8 < need16
+    # Room for batch 8 but not 16 (the check keeps 10 % for the runtime): 8 is named.
+    monkeypatch.setattr(run_lib, "host_memory_available", lambda: int((need8 + need16) / 2 / 0.9))
+    line = assert_clean_error(capsys, tmp_path / "w", TRAIN, "train.batch_size=16: a train step "
+                              "of wide_resnet at 16 px needs about ")
+    assert "of host memory (XLA's estimate) and " in line, line
+    assert line.endswith(" is available; lower --config.train.batch_size (8 fits)."), line
+    # Not even the weights: the message says so.
+    monkeypatch.setattr(run_lib, "host_memory_available", lambda: 1000)
+    assert_clean_error(capsys, tmp_path / "w", TRAIN, "even the smallest batch does not fit")

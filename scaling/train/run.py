@@ -143,6 +143,72 @@ def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
                step_key(config, mesh, num_classes, num_examples))
 
 
+def host_memory_available() -> int | None:
+    """The host's available memory in bytes (Linux /proc/meminfo MemAvailable), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+_MEMORY_MARGIN = 0.1
+
+
+def check_host_memory(config: Any, mesh=None, available: int | None = None) -> None:
+    """On the CPU backend, refuses a train step that does not fit in the host's memory.
+
+    There, a step too large is killed by the kernel (SIGKILL, no Python error) at its first
+    call; on GPU/TPU XLA raises its own out-of-memory error. The need is XLA's estimate of the
+    compiled step (arguments + outputs + temporaries - donated buffers, `profile.compiled_memory`)
+    times the host's devices, against `available` (default MemAvailable) less a margin of
+    `_MEMORY_MARGIN` for the runtime and the input pipeline. The step is compiled here,
+    and `Run.compile` keeps it, so `fit` in this process does not compile it again. When it
+    does not fit, the error names a batch size whose compiled step does (halving, a compile
+    each), or says that none does."""
+    if jax.default_backend() != "cpu":
+        return
+    available = host_memory_available() if available is None else available
+    if not available:
+        return
+    mesh = mesh or parallel.make_mesh()
+    usable = available * (1 - _MEMORY_MARGIN)
+    need = _step_memory(config, mesh, config.train.batch_size)
+    if need is None or need <= usable:
+        return
+    step, batch, fits = mesh.devices.size, config.train.batch_size, None
+    while fits is None and batch > step:
+        batch = max(batch // 2 // step * step, step)
+        if _step_memory(config, mesh, batch) <= usable:
+            fits = batch
+    fix = (f"lower --config.train.batch_size ({fits} fits)" if fits else
+           "even the smallest batch does not fit: use a smaller model or input "
+           "(--config.data.image_size)")
+    size = config.data.get("image_size")
+    raise ValueError(
+        f"train.batch_size={config.train.batch_size}: a train step of {config.model.name}"
+        f"{f' at {size} px' if size else ''} needs about {_bytes(need)} of host memory "
+        f"(XLA's estimate) and {_bytes(available)} is available; {fix}.")
+
+
+def _step_memory(config: Any, mesh, batch_size: int) -> int | None:
+    """XLA's estimate of the host memory one train step of `config` at `batch_size` needs."""
+    from scaling.profile import compiled_memory
+
+    if batch_size != config.train.batch_size:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.train.batch_size = batch_size
+    memory = compiled_memory(prepare(config, mesh).compile())
+    return memory["peak_bytes"] * jax.local_device_count() if memory else None
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
 def prepare(config: Any, mesh=None) -> Run:
     """The Run of `config` (nothing is compiled or initialised: shapes only). Opens the
     training split's source to learn its class and example counts."""
