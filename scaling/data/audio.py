@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import pathlib
 from typing import Sequence
 
@@ -101,9 +100,13 @@ def is_audio(cfg) -> bool:
     return cfg.get("modality", "image") == "audio"
 
 
+AUDIO_FOLDER = "/path/to/audio, a directory laid out as <path>/<class>/*.wav"
+
+
 def validate_audio_data_config(cfg) -> None:
     """Raises ValueError naming the first bad field of an audio data section."""
-    from scaling.data.config import _fail, _is_int, check_tfds_name, validate_subset_fields
+    from scaling.data.config import (_fail, _is_int, check_folder_path, check_tfds_name,
+                                     validate_subset_fields)
 
     if cfg.source not in SOURCES:
         _fail("source", cfg.source, f"audio data allows {', '.join(SOURCES)}")
@@ -117,11 +120,7 @@ def validate_audio_data_config(cfg) -> None:
         _fail("name", cfg.name, f"embedded audio is {', '.join(EMBEDDED_NAMES)}; use "
               "data.source='tfds' (speech_commands) or 'folder' for other audio")
     if cfg.source == "folder":
-        fix = "set --config.data.path=/path/to/audio, a directory laid out as <path>/<class>/*.wav"
-        if not cfg.path:
-            raise ValueError(f"data.path is not set but data.source='folder' needs it: {fix}")
-        if not os.path.isdir(cfg.path):
-            raise ValueError(f"data.path={cfg.path!r} is not a directory: {fix}")
+        check_folder_path(cfg.path, AUDIO_FOLDER)
     if cfg.source == "tfds":
         check_tfds_name(cfg.name)
 
@@ -215,7 +214,10 @@ def build_source(cfg, split: str):
     if cfg.source == "embedded":
         source = WavFolderSource(str(EMBEDDED_DIR), split, 0.0, cfg.sample_rate)
     elif cfg.source == "folder":
-        source = WavFolderSource(cfg.path, split, cfg.val_fraction, cfg.sample_rate)
+        from scaling.data.config import check_folder_path
+
+        source = WavFolderSource(check_folder_path(cfg.path, AUDIO_FOLDER), split,
+                                 cfg.val_fraction, cfg.sample_rate)
     else:
         source = TfdsAudioSource(cfg.name, split, cfg.data_dir, cfg.download, cfg.sample_rate)
     if cfg.classes or cfg.examples_per_class:

@@ -103,10 +103,14 @@ def validate_subset_fields(cfg) -> None:
         _fail("workers", cfg.workers, "must be an integer >= 0 (0 or 1: no thread pool)")
 
 
-def check_folder_path(path) -> str:
-    """`data.path` with `~` expanded; raises ValueError when it is unset, missing or a file."""
-    fix = ("set --config.data.path=/path/to/images, a directory laid out as <path>/<class>/*.jpg "
-           "(optionally <path>/train/<class>/ and <path>/val/<class>/)")
+IMAGE_FOLDER = ("/path/to/images, a directory laid out as <path>/<class>/*.jpg (optionally "
+                "<path>/train/<class>/ and <path>/val/<class>/)")
+
+
+def check_folder_path(path, layout: str = IMAGE_FOLDER) -> str:
+    """`data.path` with `~` expanded; raises ValueError when it is unset, missing or a file.
+    `layout` is the fix the error suggests (images by default)."""
+    fix = f"set --config.data.path={layout}"
     if not path:
         raise ValueError(f"data.path is not set but data.source='folder' needs it: {fix}")
     expanded = os.path.expanduser(str(path))
