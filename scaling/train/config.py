@@ -68,13 +68,18 @@ def _open_source(key: str, split: str) -> tuple[int, int]:
     return source.num_classes, len(source)
 
 
+def source_counts(data: Any, split: str) -> tuple[int, int]:
+    """(classes, examples) of `split` of the `data` section, opened once per source and split
+    in a process (a folder's file scan checks every image, ~1.4 ms a file)."""
+    return _open_source(json.dumps({k: data.get(k) for k in _SOURCE_FIELDS}, sort_keys=True), split)
+
+
 def open_splits(data: Any) -> int:
     """Opens the training and evaluation splits of the `data` section (metadata only: file
     lists, TFDS builders) so that a missing, empty or unprepared source fails now, before
     anything is written; returns the number of classes. Opened once per source and split."""
-    key = json.dumps({k: data.get(k) for k in _SOURCE_FIELDS}, sort_keys=True)
-    num_classes, _ = _open_source(key, data.train_split)
-    _open_source(key, data.eval_split)
+    num_classes, _ = source_counts(data, data.train_split)
+    source_counts(data, data.eval_split)
     return num_classes
 
 

@@ -211,11 +211,12 @@ def _bytes(n: float) -> str:
 
 def prepare(config: Any, mesh=None) -> Run:
     """The Run of `config` (nothing is compiled or initialised: shapes only). Opens the
-    training split's source to learn its class and example counts."""
-    from scaling.data import build_source
+    training split's source to learn its class and example counts (once per source in a
+    process: validation has usually opened it already)."""
+    from scaling.train.config import source_counts
 
-    source = build_source(config.data, config.data.train_split)
-    return make_run(config, mesh or parallel.make_mesh(), source.num_classes, len(source))
+    num_classes, num_examples = source_counts(config.data, config.data.train_split)
+    return make_run(config, mesh or parallel.make_mesh(), num_classes, num_examples)
 
 
 def restore(config: Any, run_dir: str, mesh=None, *, run: Run | None = None) -> dict:
