@@ -25,6 +25,7 @@ holding its claim file, created atomically (O_EXCL); a claim whose heartbeat sto
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -236,17 +237,33 @@ def write_results(workdir: str, rows: list[dict], name: str = "results") -> None
 
 
 # ----------------------------------------------------------------------------- running
-def preflight(config: Any) -> dict:
+def preflight(config: Any, memory_limit_mb: float = 0.0) -> dict:
     """Builds the trial's model and compiles its train step ahead of time (nothing runs):
     per-image MACs, parameter counts and XLA's peak-memory estimate of one step per device.
-    The step is the one `fit` will compile, so training then hits the compilation cache."""
+    The step is the one `fit` will compile, so training then hits the compilation cache.
+
+    The memory limit is `memory_limit_mb` (the study's budget, grid.max_memory_mb) or the
+    device's, whichever is smaller: a step over it is first split into more microbatches
+    (train.auto_accumulate, `scaling.train.memory`); `grad_accum_steps` records the split
+    that fits, and the peak is the one of that split. One that cannot fit raises ValueError."""
     import jax
     import jax.numpy as jnp
 
-    from scaling import profile
-    from scaling.train import prepare
+    from scaling import parallel, profile
+    from scaling.train import memory, prepare
 
-    run = prepare(config)
+    mesh = parallel.make_mesh()
+    device, device_source = memory.device_memory(config)
+    limit, source = device, device_source
+    if memory_limit_mb and (device is None or memory_limit_mb * 1e6 < device):
+        limit, source = int(memory_limit_mb * 1e6), f"grid.max_memory_mb={memory_limit_mb:g}"
+    config = copy.deepcopy(config)
+    need = None
+    if limit:
+        config.train.grad_accum_steps, need = memory.plan_train(config, mesh, limit, source)
+    if device:  # the study's budget is about training; evaluation only has to fit the device
+        config.train.eval_batch_size, _ = memory.plan_eval(config, mesh, device, device_source, need)
+    run = prepare(config, mesh)
     size = config.data.image_size
     x1 = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     variables = {"params": run.state_spec.params}
@@ -256,7 +273,9 @@ def preflight(config: Any) -> dict:
     mem = profile.compiled_memory(run.compile())
     count = lambda t: int(sum(math.prod(x.shape) for x in jax.tree.leaves(t)))  # noqa: E731
     return {"params": count(run.state_spec.params), "batch_stats": count(run.state_spec.batch_stats),
-            "gmacs": macs / 1e9, "peak_memory_mb": mem.get("peak_bytes", 0) / 1e6}
+            "gmacs": macs / 1e9, "peak_memory_mb": mem.get("peak_bytes", 0) / 1e6,
+            "grad_accum_steps": int(config.train.grad_accum_steps),
+            "eval_batch_size": int(config.train.eval_batch_size)}
 
 
 def _hparams_only(trial: Trial, metrics: dict, logdir: str) -> None:
@@ -270,11 +289,12 @@ def _hparams_only(trial: Trial, metrics: dict, logdir: str) -> None:
     w.close()
 
 
-def _preflight(trial: Trial, workdir: str, preflight_fn: Callable[[Any], dict]) -> dict:
+def _preflight(trial: Trial, workdir: str, preflight_fn: Callable[..., dict],
+               memory_limit_mb: float) -> dict:
     path = os.path.join(workdir, "preflight", f"{trial.point}.json")
     pre = rundir.read_json(path)
     if pre is None:
-        pre = preflight_fn(trial.config)
+        pre = preflight_fn(trial.config, memory_limit_mb=memory_limit_mb)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         rundir.write_json_atomic(path, pre)
     return pre
@@ -287,14 +307,20 @@ def run_trial(trial: Trial, workdir: str, grid_cfg: Any, train_fn: Callable[...,
     this rung in rung<k>.json and, when it ended, result.json: done / diverged / failed /
     infeasible. Returns that state."""
     from scaling.train import Diverged
+    from scaling.train.memory import DoesNotFit
 
     tdir = os.path.join(workdir, "trials", trial.id)
     with open(os.path.join(tdir, "config.txt"), "w") as f:
         f.write(str(trial.config))
     try:
-        pre = _preflight(trial, workdir, preflight_fn)
+        pre = _preflight(trial, workdir, preflight_fn, grid_cfg.max_memory_mb)
+    except DoesNotFit as e:  # no microbatch split fits the budget or the device
+        return _final(tdir, trial, {"status": "infeasible", "reason": str(e)}, rung)
     except Exception as e:  # noqa: BLE001 - a bad trial must not stop the grid
         return _final(tdir, trial, {"status": "failed", "reason": f"preflight: {_reason(e)}"}, rung)
+    for field in ("grad_accum_steps", "eval_batch_size"):  # the split that fits (preflight)
+        if pre.get(field):
+            trial.config.train[field] = pre[field]
     over = []
     if grid_cfg.max_gmacs and pre["gmacs"] > grid_cfg.max_gmacs:
         over.append(f"gmacs {pre['gmacs']:.4f} > grid.max_gmacs {grid_cfg.max_gmacs}")

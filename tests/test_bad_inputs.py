@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scaling import cli
+from scaling import cli, parallel
 from tests.conftest import ROOT
 
 TRAIN = ["--config", "configs/train.py:test"]
@@ -249,25 +249,27 @@ def test_entry_point_prints_one_line(tmp_path):
 # ----------------------------------------------------------------------------- memory
 def test_a_step_larger_than_the_hosts_memory_stops_before_the_workdir(capsys, tmp_path, monkeypatch):
     """On CPU a step that does not fit would be SIGKILLed by the kernel at its first call; the
-    launch instead compares XLA's estimate of the compiled step with the host's memory."""
-    from scaling.profile import compiled_memory
-    from scaling.train import run as run_lib
+    launch instead compares XLA's estimate of the compiled step with the host's memory. With
+    train.auto_accumulate off it stops and names the microbatch split that fits (on, it
+    trains in it: tests/test_accumulate.py)."""
+    from scaling.train import memory
 
-    config = cli.load_config("configs/train.py:test", [])   # batch 16 on 8 devices
+    big = ["--config.train.batch_size=64"]   # 8 a device: activations outweigh the weights
+    config = cli.load_config("configs/train.py:test", [("train.batch_size", "64")])
+    mesh = parallel.make_mesh()
+    need1, need2 = (memory.train_step_bytes(config, mesh, k) for k in (1, 2))
+    assert need2 < need1
     devices = jax.local_device_count()   # the host's devices share its memory
-
-    def need(batch_size):
-        config.train.batch_size = batch_size
-        return compiled_memory(run_lib.prepare(config).compile())["peak_bytes"] * devices
-
-    need8, need16 = need(8), need(16)
-    assert need8 < need16
-    # Room for batch 8 but not 16 (the check keeps 10 % for the runtime): 8 is named.
-    monkeypatch.setattr(run_lib, "host_memory_available", lambda: int((need8 + need16) / 2 / 0.9))
-    line = assert_clean_error(capsys, tmp_path / "w", TRAIN, "train.batch_size=16: a train step "
-                              "of wide_resnet at 16 px needs about ")
-    assert "of host memory (XLA's estimate) and " in line, line
-    assert line.endswith(" is available; lower --config.train.batch_size (8 fits)."), line
+    # Room for 2 microbatches of 32 but not one of 64 (the check keeps 10 % for the runtime).
+    monkeypatch.setattr(memory, "host_memory_available",
+                        lambda: int((need1 + need2) / 2 * devices / 0.9))
+    line = assert_clean_error(capsys, tmp_path / "w", [*TRAIN, *big, "--config.train.auto_accumulate=False"],
+                              "train.batch_size=64: a train step of wide_resnet at 16 px in 1 "
+                              "microbatch needs about ")
+    assert "per device (XLA's estimate) and " in line, line
+    assert line.endswith("is available (the host's available memory / 8 devices); set "
+                         "--config.train.grad_accum_steps=2 (microbatches of 32; the batch is "
+                         "kept), or --config.train.auto_accumulate=True."), line
     # Not even the weights: the message says so.
-    monkeypatch.setattr(run_lib, "host_memory_available", lambda: 1000)
-    assert_clean_error(capsys, tmp_path / "w", TRAIN, "even the smallest batch does not fit")
+    monkeypatch.setattr(memory, "host_memory_available", lambda: 1000)
+    assert_clean_error(capsys, tmp_path / "w", [*TRAIN, *big], "even one example per device does not fit")

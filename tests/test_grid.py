@@ -34,7 +34,7 @@ def make_trials(points, seeds=1):
     return trials
 
 
-def fake_preflight(cfg):
+def fake_preflight(cfg, memory_limit_mb=0.0):
     return {"params": 100, "batch_stats": 0, "gmacs": cfg.model.width * cfg.model.depth,
             "peak_memory_mb": 10.0 * cfg.model.width}
 

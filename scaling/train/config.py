@@ -24,6 +24,11 @@ def default_train_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         batch_size=128,             # global batch, split over every device of every host
         eval_batch_size=512,
+        grad_accum_steps=1,         # microbatches per update (batch_size / k at a time; a scan)
+        auto_accumulate=True,       # when a step does not fit in device memory: more microbatches
+                                    # (and a smaller eval batch) until it does; logged
+        device_memory_gb=0.0,       # per-device memory for that choice; 0: detect (CPU: the
+                                    # host's available memory / local devices)
         num_epochs=10.0,            # duration in epochs ...
         num_steps=0,                # ... or in steps (wins when > 0)
         optimizer="sgd",            # sgd | rmsprop | adam | adamw
@@ -96,6 +101,18 @@ def check_modality(config: Any) -> None:
                          f"data.name={config.data.get('name')!r}); {fix}.")
 
 
+def check_accumulation(batch_size: int, steps: int, num_devices: int) -> None:
+    """Each of the `steps` microbatches of a global batch takes the same number of rows on
+    every device: batch_size must be a multiple of steps x devices."""
+    unit = int(steps) * num_devices
+    if batch_size % unit:
+        lo, hi = batch_size // unit * unit, (batch_size // unit + 1) * unit
+        raise ValueError(
+            f"train.batch_size={batch_size} does not split into train.grad_accum_steps={steps} "
+            f"microbatches over {num_devices} device(s); use a multiple of {unit} "
+            f"(e.g. {f'{lo} or {hi}' if lo else hi}), or another grad_accum_steps.")
+
+
 def validate_config(config: Any, num_devices: int | None = None) -> None:
     """Checks a training config before anything is compiled or written: every field, the
     data sources (opened, see `open_splits`) and the model (built, so its own checks run)."""
@@ -119,12 +136,14 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
            f"train.schedule: unknown {t.schedule!r}; use one of {', '.join(SCHEDULES)}.")
     _check(t.compute_dtype in COMPUTE_DTYPES,
            f"train.compute_dtype: unknown {t.compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}.")
-    for name in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
-                 "keep_checkpoints"):
+    for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every_steps",
+                 "checkpoint_every_steps", "keep_checkpoints"):
         _check(int(t[name]) > 0, f"train.{name}={t[name]}: must be a positive integer.")
     _check(t.num_steps > 0 or t.num_epochs > 0,
            "train.num_epochs / train.num_steps: set one of them to a positive value.")
     _check(t.lr > 0, f"train.lr={t.lr}: must be positive.")
+    _check(t.device_memory_gb >= 0, f"train.device_memory_gb={t.device_memory_gb}: must be >= 0 "
+           "(0: detect the device's memory).")
     _check(t.diverge_factor >= 0, f"train.diverge_factor={t.diverge_factor}: must be >= 0 "
            "(0 turns the loss-explosion rule off).")
     _check(0.0 <= t.label_smoothing < 1.0, f"train.label_smoothing={t.label_smoothing}: must be in [0, 1).")
@@ -137,6 +156,8 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
             if n % num_devices:
                 lo, hi = (n // num_devices) * num_devices, (n // num_devices + 1) * num_devices
                 raise ValueError(f"train.{name}={n} is not divisible by the {num_devices} devices; "
-                                 f"use a multiple of {num_devices} (e.g. {lo or hi} or {hi}).")
+                                 f"use a multiple of {num_devices} "
+                                 f"(e.g. {f'{lo} or {hi}' if lo else hi}).")
+    check_accumulation(t.batch_size, t.grad_accum_steps, num_devices or 1)
     build_model(config.model, open_splits(config.data), t.compute_dtype,
                 image_size=config.data.get("image_size"))

@@ -275,9 +275,12 @@ def _setup(config: Any, workdir: str, mesh, variables: dict | None, until_step: 
     t0 = time.perf_counter()
     compiled = run.compile()
     compile_s = time.perf_counter() - t0
+    accum = int(tc.get("grad_accum_steps", 1))
     log.info("model %s: %d params, %d BN stats; train step compiled in %.1f s; %d devices, "
-             "global batch %d, %d steps (%d/epoch)%s", config.model.name, n_params, n_stats,
-             compile_s, mesh.devices.size, tc.batch_size, total_steps, steps_per_epoch,
+             "global batch %d%s, %d steps (%d/epoch)%s", config.model.name, n_params, n_stats,
+             compile_s, mesh.devices.size, tc.batch_size,
+             f" in {accum} microbatches of {tc.batch_size // accum}" if accum > 1 else "",
+             total_steps, steps_per_epoch,
              f"; pausing after step {stop}" if stop < total_steps else "")
     return _Session(config, workdir, mesh, run, train_ds, evaluator, compiled, checkpointer, writer,
                     state, start, stop, train_ds.num_classes, n_params, n_stats, eval_every,

@@ -18,6 +18,7 @@ from scaling import checkpoint as ckpt_lib
 from scaling import parallel, rundir
 from scaling.models import create_model, model_fields, model_info
 from scaling.train import finetune
+from scaling.train.config import check_accumulation
 from scaling.data import example_spec
 from scaling.train.state import abstract_state
 from scaling.train.step import make_train_step, model_input
@@ -107,14 +108,23 @@ _COMPILED: collections.OrderedDict = collections.OrderedDict()
 _COMPILED_KEEP = 2
 
 
+# train fields the train step does not depend on (evaluation, logging, checkpoints, planning)
+_NOT_IN_STEP = ("eval_batch_size", "eval_every_epochs", "eval_every_steps", "log_every_steps",
+                "checkpoint_every_steps", "keep_checkpoints", "progress_bar", "auto_accumulate",
+                "device_memory_gb")
+
+
 def step_key(config: Any, mesh, num_classes: int, num_examples: int) -> str | None:
     """The compiled step's identity: the config without its seed (the seed only reaches the
-    step through the train state's rng), the mesh, and the data's class and example counts."""
+    step through the train state's rng) and the train fields no step reads, the mesh, and
+    the data's class and example counts."""
     try:
         cfg = json.loads(config.to_json_best_effort(sort_keys=True))
     except (AttributeError, TypeError, ValueError):
         return None
     cfg.pop("seed", None)
+    for field in _NOT_IN_STEP:
+        cfg.get("train", {}).pop(field, None)
     where = (mesh.axis_names, mesh.devices.shape, [d.id for d in mesh.devices.flat])
     return json.dumps([cfg, repr(where), num_classes, num_examples], sort_keys=True, default=repr)
 
@@ -123,6 +133,7 @@ def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
     """The Run of `config` for a training split of `num_examples` images of `num_classes`."""
     tc = config.train
     parallel.check_batch_size(tc.batch_size, mesh, "train.batch_size")
+    check_accumulation(tc.batch_size, int(tc.get("grad_accum_steps", 1)), mesh.devices.size)
     steps_per_epoch = max(math.ceil(num_examples / tc.batch_size), 1)
     total_steps = int(tc.num_steps) if tc.num_steps > 0 else int(round(tc.num_epochs * steps_per_epoch))
     size = config.data.get("image_size")           # None for audio data
@@ -138,75 +149,10 @@ def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
     tx, schedule = finetune.build_optimizer(tc, plan, steps_per_epoch, total_steps)
     state_spec = abstract_state(variables, tx, rep)
     step_fn = make_train_step(model, tx, mesh, label_smoothing=tc.label_smoothing,
-                              compute_dtype=COMPUTE_DTYPES[tc.compute_dtype], plan=plan)
+                              compute_dtype=COMPUTE_DTYPES[tc.compute_dtype], plan=plan,
+                              grad_accum_steps=int(tc.get("grad_accum_steps", 1)))
     return Run(model, tx, schedule, steps_per_epoch, total_steps, step_fn, state_spec, batch_spec,
                step_key(config, mesh, num_classes, num_examples))
-
-
-def host_memory_available() -> int | None:
-    """The host's available memory in bytes (Linux /proc/meminfo MemAvailable), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-_MEMORY_MARGIN = 0.1
-
-
-def check_host_memory(config: Any, mesh=None, available: int | None = None) -> None:
-    """On the CPU backend, refuses a train step that does not fit in the host's memory.
-
-    There, a step too large is killed by the kernel (SIGKILL, no Python error) at its first
-    call; on GPU/TPU XLA raises its own out-of-memory error. The need is XLA's estimate of the
-    compiled step (arguments + outputs + temporaries - donated buffers, `profile.compiled_memory`)
-    times the host's devices, against `available` (default MemAvailable) less a margin of
-    `_MEMORY_MARGIN` for the runtime and the input pipeline. The step is compiled here,
-    and `Run.compile` keeps it, so `fit` in this process does not compile it again. When it
-    does not fit, the error names a batch size whose compiled step does (halving, a compile
-    each), or says that none does."""
-    if jax.default_backend() != "cpu":
-        return
-    available = host_memory_available() if available is None else available
-    if not available:
-        return
-    mesh = mesh or parallel.make_mesh()
-    usable = available * (1 - _MEMORY_MARGIN)
-    need = _step_memory(config, mesh, config.train.batch_size)
-    if need is None or need <= usable:
-        return
-    step, batch, fits = mesh.devices.size, config.train.batch_size, None
-    while fits is None and batch > step:
-        batch = max(batch // 2 // step * step, step)
-        if _step_memory(config, mesh, batch) <= usable:
-            fits = batch
-    fix = (f"lower --config.train.batch_size ({fits} fits)" if fits else
-           "even the smallest batch does not fit: use a smaller model or input "
-           "(--config.data.image_size)")
-    size = config.data.get("image_size")
-    raise ValueError(
-        f"train.batch_size={config.train.batch_size}: a train step of {config.model.name}"
-        f"{f' at {size} px' if size else ''} needs about {_bytes(need)} of host memory "
-        f"(XLA's estimate) and {_bytes(available)} is available; {fix}.")
-
-
-def _step_memory(config: Any, mesh, batch_size: int) -> int | None:
-    """XLA's estimate of the host memory one train step of `config` at `batch_size` needs."""
-    from scaling.profile import compiled_memory
-
-    if batch_size != config.train.batch_size:
-        config = ml_collections.ConfigDict(config.to_dict())
-        config.train.batch_size = batch_size
-    memory = compiled_memory(prepare(config, mesh).compile())
-    return memory["peak_bytes"] * jax.local_device_count() if memory else None
-
-
-def _bytes(n: float) -> str:
-    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
 
 
 def prepare(config: Any, mesh=None) -> Run:

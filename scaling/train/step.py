@@ -12,6 +12,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from scaling import parallel
 from scaling.train import finetune
@@ -19,12 +21,14 @@ from scaling.train.state import TrainState
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy with optional label smoothing (as torch / TF)."""
+    """Per-example softmax cross-entropy with optional label smoothing (as torch / TF), in
+    float32 or wider."""
     num_classes = logits.shape[-1]
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)   # bf16 -> float32; float64 stays
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=dtype)
     if label_smoothing:
         onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+    return optax.softmax_cross_entropy(logits.astype(dtype), onehot)
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
@@ -73,40 +77,67 @@ def classifier_losses(outputs, labels: jax.Array, aux_weight: float | None = Non
 
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
                label_smoothing: float = 0.0, compute_dtype: Any = jnp.float32,
-               plan: finetune.Plan = finetune.TRAIN_ALL):
+               plan: finetune.Plan = finetune.TRAIN_ALL, grad_accum_steps: int = 1,
+               microbatch_sharding: Any = None):
     """One optimizer update on a global batch; returns the new state and scalar metrics.
 
     `plan` (scaling.train.finetune) picks the parameters that train (only those are
-    differentiated and updated) and how BatchNorm runs."""
+    differentiated and updated) and how BatchNorm runs.
+
+    `grad_accum_steps` = k > 1 splits the batch into k microbatches (rows i, i+k, i+2k, ...:
+    every device keeps its own rows) and runs them one after another in a `lax.scan`, summing
+    the gradients; the update is the one of their mean. Without BatchNorm this is the full
+    batch's update (up to float rounding; dropout draws per microbatch). With BatchNorm each
+    microbatch is normalised with its own statistics (ghost batches of batch_size / k) and
+    the running averages are updated once per microbatch, k times a step."""
     rng = jax.random.fold_in(state.rng, state.step)
-    inputs = model_input(batch).astype(compute_dtype)
-    labels = batch[label_key(model)]
+    labels_key = label_key(model)
     has_bn = bool(jax.tree.leaves(state.batch_stats))
     update_bn = has_bn and plan.update_bn
     trainable, frozen = plan.split(state.params)
 
-    def loss_fn(trainable):
+    def loss_fn(trainable, batch_stats, batch, rng):
         variables = {"params": plan.merge(trainable, frozen)}
         if has_bn:
-            variables["batch_stats"] = state.batch_stats
+            variables["batch_stats"] = batch_stats
         with plan.frozen_bn():
-            outputs, updates = model.apply(variables, inputs, train=plan.train, rngs={"dropout": rng},
+            outputs, updates = model.apply(variables, model_input(batch).astype(compute_dtype),
+                                           train=plan.train, rngs={"dropout": rng},
                                            mutable=["batch_stats"] if update_bn else [])
-        logits, losses = classifier_losses(outputs, labels, getattr(model, "aux_weight", None),
-                                           label_smoothing)
-        return losses.get("total_loss", losses["loss"]), (logits, losses, updates)
+        logits, losses = classifier_losses(outputs, batch[labels_key],
+                                           getattr(model, "aux_weight", None), label_smoothing)
+        losses["top1"] = jnp.mean(topk_correct(logits, batch[labels_key], 1))
+        stats = updates["batch_stats"] if update_bn else batch_stats
+        return losses.get("total_loss", losses["loss"]), (losses, stats)
 
-    (_, (logits, losses, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+        (_, (metrics, batch_stats)), grads = grad_fn(trainable, state.batch_stats, batch, rng)
+    else:
+        k = grad_accum_steps
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+                             batch)
+        if microbatch_sharding is not None:
+            micro = jax.lax.with_sharding_constraint(micro, microbatch_sharding)
+
+        def accumulate(carry, xs):
+            grad_sum, batch_stats = carry
+            mb, i = xs
+            (_, (metrics, batch_stats)), grads = grad_fn(trainable, batch_stats, mb,
+                                                         jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, grad_sum, grads), batch_stats), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        (grad_sum, batch_stats), metrics = jax.lax.scan(
+            accumulate, (zeros, state.batch_stats), (micro, jnp.arange(k)))
+        grads = jax.tree.map(lambda g: g / k, grad_sum)
+        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     param_updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params = plan.merge(optax.apply_updates(trainable, param_updates), frozen)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              batch_stats=updates["batch_stats"] if update_bn else state.batch_stats)
-    metrics = {
-        **losses,  # loss (main head) [, total_loss (the objective, with auxiliary heads)]
-        "top1": jnp.mean(topk_correct(logits, labels, 1)),
-        "grad_norm": optax.tree.norm(grads),
-    }
-    return new_state, metrics
+                              batch_stats=batch_stats)
+    # loss (main head) [, total_loss (the objective, with auxiliary heads)], top1, grad_norm
+    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 def eval_step(state: TrainState, batch: dict, *, model, compute_dtype: Any = jnp.float32,
@@ -142,10 +173,12 @@ def eval_step(state: TrainState, batch: dict, *, model, compute_dtype: Any = jnp
 def make_train_step(model, tx, mesh, *, label_smoothing: float = 0.0,
                     compute_dtype: Any = jnp.float32, donate: bool = True,
                     compiler_options: dict | None = None,
-                    plan: finetune.Plan = finetune.TRAIN_ALL) -> Callable:
-    fn = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
-                           compute_dtype=compute_dtype, plan=plan)
+                    plan: finetune.Plan = finetune.TRAIN_ALL, grad_accum_steps: int = 1) -> Callable:
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    micro = NamedSharding(mesh, P(None, *data.spec))  # [k, batch / k, ...]: rows stay put
+    fn = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
+                           compute_dtype=compute_dtype, plan=plan,
+                           grad_accum_steps=grad_accum_steps, microbatch_sharding=micro)
     return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep),
                    donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
 
