@@ -24,8 +24,9 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def tiny_train_step(model, input_shape, *, batch: int = 8, num_classes: int | None = None,
-                    devices: int = 8, seed: int = 0):
-    """Init `model` and run one sharded SGD train step on `devices` CPU devices.
+                    devices: int = 8, seed: int = 0, compute_dtype=None, compiler_options=None):
+    """Init `model` and run one sharded SGD train step on `devices` CPU devices (inputs cast
+    to `compute_dtype`, as `train.compute_dtype` does; default float32).
 
     `input_shape` excludes the batch dimension, e.g. (32, 32, 3). Asserts a finite loss,
     finite parameters and that every parameter leaf receiving gradient moved. Returns
@@ -47,7 +48,8 @@ def tiny_train_step(model, input_shape, *, batch: int = 8, num_classes: int | No
     rng = np.random.default_rng(seed)
     data = {"image": rng.standard_normal((batch, *input_shape)).astype(np.float32),
             "label": rng.integers(0, num_classes, batch).astype(np.int32)}
-    step = make_train_step(model, tx, mesh, donate=False, compiler_options=FAST_COMPILE)
+    step = make_train_step(model, tx, mesh, donate=False, compute_dtype=compute_dtype or np.float32,
+                           compiler_options=FAST_COMPILE if compiler_options is None else compiler_options)
     new_state, metrics = step(state, parallel.to_global(data, parallel.batch_sharding(mesh)))
     new = parallel.fetch(new_state)
     loss = float(metrics["loss"])

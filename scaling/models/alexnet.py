@@ -38,7 +38,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from scaling.models.layers import (NORMS, Dtype, LocalResponseNorm, adaptive_avg_pool, dense_init,
-                                   global_avg_pool, make_norm, max_pool, torch_flatten)
+                                   global_avg_pool, logits_dense, make_norm, max_pool,
+                                   torch_flatten)
 from scaling.models.layers import conv as conv2d
 from scaling.models.registry import register_model
 
@@ -139,8 +140,10 @@ def classifier_head(x, *, layout: str, include_top: bool, avgpool_size: int | No
         elif op == "R":
             x = nn.relu(x)
         else:
-            x = nn.Dense(num_classes if i == last else hidden, dtype=dtype, kernel_init=kernel_init,
-                         bias_init=nn.initializers.zeros, name=f"classifier_{i}")(x)
+            dense = functools.partial(logits_dense, num_classes) if i == last else functools.partial(
+                nn.Dense, hidden)
+            x = dense(dtype=dtype, kernel_init=kernel_init, bias_init=nn.initializers.zeros,
+                      name=f"classifier_{i}")(x)
     return x
 
 

@@ -6,6 +6,15 @@ Normalization is chosen by name (`norm='batch'|'layer'|'instance'|'group'`). Bat
 the default and the exact one of the reference models. Under `jax.jit` with a batch sharded
 over a device mesh, BatchNorm statistics are computed over the *global* batch (synchronised
 BN) without any extra code, unlike per-device statistics under `pmap`.
+
+Mixed precision (`dtype`, the compute dtype; `train.compute_dtype=bfloat16`): every family
+keeps its parameters and BatchNorm statistics in float32 and casts them to `dtype` where it
+uses them, so convolutions and matmuls take `dtype` operands. Normalization statistics
+(BatchNorm, GroupNorm, LayerNorm), attention softmax and LRN are computed in float32 and
+return `dtype`. The classifier (`logits_dense`) multiplies in `dtype` but accumulates and
+returns float32 logits, with a float32 bias: bfloat16 logits (8 bits of mantissa) tie often
+enough to inflate top-k accuracy and coarsen the loss. `tests/test_mixed_precision.py` checks
+every family.
 """
 from __future__ import annotations
 
@@ -498,12 +507,35 @@ def global_avg_pool(x):
     return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
 
 
+def dot_general_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """`lax.dot_general` accumulating and returning float32 whatever its operands' dtype (bf16
+    operands: the tensor-core / MXU product with a float32 result; float32 operands: unchanged)."""
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=jnp.float32, **kwargs)
+
+
+def _promote_keep_bias(inputs, kernel, bias=None, *, dtype=None):
+    """`nn.Dense`'s promotion for `logits_dense`: inputs and kernel to `dtype`, the bias left
+    float32 (it is added to the float32 product)."""
+    inputs, kernel = nn.dtypes.promote_dtype(inputs, kernel, dtype=dtype)
+    return inputs, kernel, bias
+
+
+def logits_dense(num_classes: int, *, dtype: Dtype, name: str, **kwargs) -> nn.Dense:
+    """The linear layer that produces logits: an `nn.Dense` (same parameters) whose product runs
+    in `dtype` and returns float32 logits, so a bfloat16 model hands the loss and the top-k
+    metrics float32 values. Bit-identical to `nn.Dense` when `dtype` is float32."""
+    return nn.Dense(num_classes, dtype=dtype, dot_general=dot_general_f32,
+                    promote_dtype=_promote_keep_bias, name=name, **kwargs)
+
+
 def classifier(x, num_classes: int, dropout: float, train: bool, dtype: Dtype, name: str = "fc",
                kernel_init: Callable = dense_init):
-    """Optional dropout, then the linear classifier (torch `Linear`, named like the reference)."""
+    """Optional dropout, then the linear classifier (torch `Linear`, named like the reference;
+    float32 logits, see `logits_dense`)."""
     if dropout > 0:
         x = nn.Dropout(dropout, deterministic=not train)(x)
-    return nn.Dense(num_classes, dtype=dtype, kernel_init=kernel_init, name=name)(x)
+    return logits_dense(num_classes, dtype=dtype, kernel_init=kernel_init, name=name)(x)
 
 
 def max_pool(x, kernel: int, strides: int, padding: int = 0, ceil_mode: bool = False):

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scaling.models.layers import DropPath, Dtype, activation, dense_init
+from scaling.models.layers import DropPath, Dtype, activation, dense_init, logits_dense
 from scaling.models.registry import INCEPTION_MEAN, INCEPTION_STD, register_model
 
 CLASSIFIERS = ("token", "gap")
@@ -197,7 +197,7 @@ class VisionTransformer(nn.Module):
         if self.representation_size is not None:
             x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, kernel_init=dense_init,
                                   name="pre_logits")(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_init, name="head")(x)
+        return logits_dense(self.num_classes, dtype=self.dtype, kernel_init=dense_init, name="head")(x)
 
 
 def resize_pos_embed(params: dict[str, Any], new_image_size: int | Sequence[int], patch_size: int,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from scaling.data.audio import MU_LAW_CHANNELS, companded
-from scaling.models.layers import Dtype, dense_init
+from scaling.models.layers import Dtype, dense_init, logits_dense
 from scaling.models.registry import register_model
 
 TASKS = ("classify", "predict")
@@ -131,7 +131,7 @@ class WaveNet(nn.Module):
             return h
         # A Dense on [N, T, C] is the 1x1 conv.
         outputs = self.num_classes if self.task == "classify" else MU_LAW_CHANNELS
-        return nn.Dense(outputs, dtype=self.dtype, kernel_init=dense_init, name="head2")(h)
+        return logits_dense(outputs, dtype=self.dtype, kernel_init=dense_init, name="head2")(h)
 
 
 # ----------------------------------------------------------------------------- sampling
