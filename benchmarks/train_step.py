@@ -5,10 +5,18 @@ this machine's matmul rate, and the real input pipeline against in-memory data.
     python benchmarks/train_step.py --model wrn_16_1 --compare-xla-flag   # flag on vs off
     python benchmarks/train_step.py --model resnet18 --dtype bfloat16      # bf16 compute
     python benchmarks/train_step.py --model mobilenet_v2 --batch 32 --profile  # where time goes
+    python benchmarks/train_step.py --model resnet50 --batch 256 --dtype bfloat16 --peak-tflops 312
 
-`step_gflop` is XLA's count for the compiled step (it counts what XLA executes, e.g. a
-grouped convolution it expands into a dense one); `useful_gflop` is the model's own MAC count
-(scaling.profile) x 2 FLOPs x 3 (forward and backward) x batch, the work the step must do.
+`step_gflop` is XLA's count for the compiled step over all devices (it counts what XLA
+executes, e.g. a grouped convolution it expands into a dense one, and elementwise work);
+`useful_gflop` is the model's own MAC count (scaling.profile) x 2 FLOPs x 3 (forward and
+backward) x batch, the work the step must do.
+
+`--peak-tflops` is one device's peak for the compute dtype (dense, no sparsity; e.g. A100
+bf16 312, H100 SXM bf16 989, TPU v4 bf16 275; float32 on GPUs is TF32 unless matmul precision
+is 'highest'). With it the script prints model FLOPs utilisation: `mfu` = useful FLOP/s over
+the peak of all devices, `mfu_xla` = XLA's FLOP/s over the same peak (a hardware utilisation
+that includes what XLA executes beyond the model's MACs).
 
 Figures are printed, never asserted.
 """
@@ -94,6 +102,17 @@ def op_profile(compiled, state, batch, steps: int = 2, top: int = 25) -> str:
     return "\n".join(out)
 
 
+def mfu(useful_flop: float, xla_flop: float | None, step_s: float, peak_tflops: float,
+        devices: int) -> dict:
+    """Model FLOPs utilisation of a step of `step_s` seconds on `devices` devices whose peak is
+    `peak_tflops` each: from the model's own count (`mfu`) and from XLA's (`mfu_xla`)."""
+    peak = peak_tflops * 1e12 * devices
+    out = {"peak_tflops": peak_tflops * devices, "mfu": round(useful_flop / step_s / peak, 4)}
+    if xla_flop:
+        out["mfu_xla"] = round(xla_flop / step_s / peak, 4)
+    return out
+
+
 def bench(args) -> dict:
     info = model_info(args.model)
     size = args.resolution or info["resolution"]
@@ -112,7 +131,8 @@ def bench(args) -> dict:
     t = time.perf_counter()
     compiled = step.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t
-    flops = profile.compiled_flops(compiled)
+    flops = profile.compiled_flops(compiled)  # XLA's count is per device (the partitioned program)
+    flops = flops * jax.device_count() if flops else flops
     state, m = compiled(state, gbatch)  # warm-up
     jax.block_until_ready(m)
     if args.profile:
@@ -139,6 +159,8 @@ def bench(args) -> dict:
         out["step_gflop"] = round(flops / 1e9, 2)
         out["achieved_gflops"] = round(flops / step_s / 1e9, 1)
         out["fraction_of_matmul"] = round(flops / step_s / 1e9 / mm, 3)
+    if args.peak_tflops:
+        out.update(mfu(useful, flops, step_s, args.peak_tflops, jax.device_count()))
     if args.pipeline and size == 32:
         cfg = data_lib.default_data_config()
         ds = data_lib.build_dataset(cfg, "train", train=True, seed=0)
@@ -165,6 +187,8 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--dtype", default="float32", choices=tuple(COMPUTE_DTYPES),
                    help="compute dtype (params stay float32), as train.compute_dtype")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="one device's peak TFLOP/s for --dtype (dense); prints MFU against it")
     p.add_argument("--profile", action="store_true",
                    help="print where the step's time goes, per XLA op, instead of the speed")
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false")
