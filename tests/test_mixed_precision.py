@@ -53,8 +53,9 @@ TINY = {
 }
 # A train step compiles for seconds to minutes: one model per family (GoogLeNet and the Inception
 # nets share their layers; test_bf16_forward covers each of them).
-TRAIN = ("resnet_basic", "wide_resnet", "efficientnet", "mobilenet_v3", "densenet", "vgg_bn", "alexnet",
-         "inception_v3", "vit", "wavenet")
+# A whole bf16 train step (optimizer state included) on three families; the forward check
+# above covers every family's variables and BatchNorm updates (a step costs 30 s to 4 min here).
+TRAIN = ("resnet_basic", "efficientnet", "vit")
 
 
 def tiny(kind, dtype=BF16):
