@@ -20,6 +20,7 @@ data.image_size is given).
 import ml_collections
 
 from scaling.data import default_data_config
+from scaling.parallel import default_mesh_config, default_sharding_config
 from scaling.train import default_train_config
 
 PRESETS = ("default", "cifar10", "imagenet", "test")
@@ -34,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
         name="wide_resnet", depth=16, widen_factor=1, convs_per_block=2, dropout=0.0, norm="batch"))
     c.data = default_data_config()
     c.train = default_train_config()
+    c.mesh = default_mesh_config()          # data=-1, fsdp=1: data parallelism on every device
+    c.sharding = default_sharding_config()  # how parameters and optimizer state are split
     return c
 
 

@@ -252,7 +252,7 @@ def preflight(config: Any, memory_limit_mb: float = 0.0) -> dict:
     from scaling import parallel, profile
     from scaling.train import memory, prepare
 
-    mesh = parallel.make_mesh()
+    mesh = parallel.mesh_from_config(config)
     device, device_source = memory.device_memory(config)
     limit, source = device, device_source
     if memory_limit_mb and (device is None or memory_limit_mb * 1e6 < device):

@@ -56,8 +56,11 @@ app.define_help_flags()
 LAUNCH_RECORD = "launch_config.json"
 # Fields that change how a launch executes, not what it computes (batches are a function of
 # (seed, step), whatever the number of decode threads or grid workers).
+# Where the state lives (mesh.*, sharding.*) changes rounding only, as the device count does,
+# and a checkpoint restores onto any mesh: a relaunch may move a run to other devices.
 RUNTIME_FIELDS = ("grid.worker", "grid.num_workers", "grid.poll_s", "grid.heartbeat_s",
-                  "grid.stale_after_s", "data.workers", "train.progress_bar")
+                  "grid.stale_after_s", "data.workers", "train.progress_bar",
+                  "mesh.data", "mesh.fsdp", "sharding.rules", "sharding.fsdp_min_size")
 _MAX_SHOWN = 8  # differing fields listed in a config-change error
 
 

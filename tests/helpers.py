@@ -76,3 +76,31 @@ def check_reference_counts(name: str, reference: dict, *, gmacs_rtol: float = 0.
     if "gmacs" in ref:
         assert abs(stats["gmacs"] - ref["gmacs"]) <= gmacs_rtol * ref["gmacs"], (name, stats["gmacs"], ref["gmacs"])
     return stats
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(args: list[str], *, num_processes: int = 2, devices: int = 4,
+                  timeout: int = 600) -> list[tuple[str, str]]:
+    """Runs `python *args` as `num_processes` processes of one JAX job on this machine
+    (`devices` CPU devices each), passing launch.py's --coordinator_address /
+    --num_processes / --process_id; asserts that each exits 0 and returns their (stdout,
+    stderr)."""
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    procs = [subprocess.Popen(
+        [sys.executable, *args, f"--coordinator_address=127.0.0.1:{port}",
+         f"--num_processes={num_processes}", f"--process_id={i}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(num_processes)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return outs

@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from scaling.parallel import check_mesh_config
 from scaling.models import check_model_name, model_fields, model_info
 from scaling.train.finetune import validate_init_config
 from scaling.train.optim import OPTIMIZERS, SCHEDULES
@@ -150,6 +151,7 @@ def validate_config(config: Any, num_devices: int | None = None) -> None:
     _check(t.checkpoint_every_steps % t.log_every_steps == 0,
            f"train.checkpoint_every_steps={t.checkpoint_every_steps} must be a multiple of "
            f"train.log_every_steps={t.log_every_steps}, so a resumed run logs the same windows.")
+    check_mesh_config(config, num_devices)  # mesh sizes, sharding rules
     if num_devices:
         for name in ("batch_size", "eval_batch_size"):
             n = int(t[name])

@@ -229,7 +229,7 @@ def _setup(config: Any, workdir: str, mesh, variables: dict | None, until_step: 
     if until_step is not None and int(until_step) < 1:
         raise ValueError(f"fit: until_step={until_step} must be a positive step (or None: to the end).")
     tc = config.train
-    mesh = mesh or parallel.make_mesh()
+    mesh = mesh or parallel.mesh_from_config(config)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:
@@ -251,9 +251,10 @@ def _setup(config: Any, workdir: str, mesh, variables: dict | None, until_step: 
         variables = finetune.initial_variables(config, run.model, jax.random.PRNGKey(config.seed), size)
     host_state = create_state(run.model, run.tx, jax.random.PRNGKey(config.seed), run.input_shape, variables)
     n_params, n_stats = count_params(host_state.params), count_params(host_state.batch_stats)
-    state = parallel.replicate(host_state, mesh)
+    state = parallel.place(host_state, run.state_sharding)  # each device gets only its slice
     del host_state
 
+    # Restored into this run's shardings, whatever mesh the checkpoint was saved from.
     checkpointer = ckpt_lib.Checkpointer(rundir.checkpoint_dir(workdir), max_to_keep=tc.keep_checkpoints)
     state, restored = checkpointer.restore(state)
     start = int(parallel.fetch(state.step))
@@ -270,15 +271,17 @@ def _setup(config: Any, workdir: str, mesh, variables: dict | None, until_step: 
             and not _env.cpu_has_native_bf16()):
         log.warning("train.compute_dtype=bfloat16 on a CPU without native bf16 (no AVX-512 BF16 "
                     "or AMX): XLA emulates it, so it runs slower than float32 here.")
-    evaluator = Evaluator(eval_ds, make_eval_step(run.model, mesh, compute_dtype=compute_dtype),
+    evaluator = Evaluator(eval_ds, make_eval_step(run.model, mesh, compute_dtype=compute_dtype,
+                                                  state_sharding=run.state_sharding),
                           tc.eval_batch_size, mesh)
     t0 = time.perf_counter()
     compiled = run.compile()
     compile_s = time.perf_counter() - t0
     accum = int(tc.get("grad_accum_steps", 1))
-    log.info("model %s: %d params, %d BN stats; train step compiled in %.1f s; %d devices, "
-             "global batch %d%s, %d steps (%d/epoch)%s", config.model.name, n_params, n_stats,
-             compile_s, mesh.devices.size, tc.batch_size,
+    log.info("model %s: %d params, %d BN stats; train step compiled in %.1f s; %d devices "
+             "(mesh %s), global batch %d%s, %d steps (%d/epoch)%s", config.model.name, n_params,
+             n_stats, compile_s, mesh.devices.size,
+             " x ".join(f"{a}={n}" for a, n in mesh.shape.items()), tc.batch_size,
              f" in {accum} microbatches of {tc.batch_size // accum}" if accum > 1 else "",
              total_steps, steps_per_epoch,
              f"; pausing after step {stop}" if stop < total_steps else "")

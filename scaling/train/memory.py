@@ -210,7 +210,7 @@ def eval_limit(limit: int, source: str, train_need: int | None) -> tuple[int, st
 def plan_memory(config: Any, mesh=None) -> MemoryPlan:
     """`plan_train` and `plan_eval` under the device's memory (`device_memory`); the config's
     own values when that is unknown."""
-    mesh = mesh or parallel.make_mesh()
+    mesh = mesh or parallel.mesh_from_config(config)
     limit, source = device_memory(config)
     if not limit:
         return MemoryPlan(int(config.train.get("grad_accum_steps", 1)),

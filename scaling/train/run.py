@@ -80,9 +80,15 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     step_fn: Callable
-    state_spec: Any
+    state_spec: Any         # ShapeDtypeStructs with the shardings on this run's mesh
     batch_spec: dict
     key: str | None = None  # what the compiled step depends on; None: never reused
+
+    @property
+    def state_sharding(self) -> Any:
+        """The train state's shardings (a TrainState of NamedShardings): where `fit` places
+        the state and what a checkpoint is restored into, on whatever mesh it was saved."""
+        return jax.tree.map(lambda s: s.sharding, self.state_spec)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -134,11 +140,12 @@ def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
     tc = config.train
     parallel.check_batch_size(tc.batch_size, mesh, "train.batch_size")
     check_accumulation(tc.batch_size, int(tc.get("grad_accum_steps", 1)), mesh.devices.size)
+    sharding = config.get("sharding")
     steps_per_epoch = max(math.ceil(num_examples / tc.batch_size), 1)
     total_steps = int(tc.num_steps) if tc.num_steps > 0 else int(round(tc.num_epochs * steps_per_epoch))
     size = config.data.get("image_size")           # None for audio data
     model = build_model(config.model, num_classes, tc.compute_dtype, image_size=size)
-    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    data = parallel.batch_sharding(mesh)
     batch_spec = {k: jax.ShapeDtypeStruct((tc.batch_size, *shape), dtype, sharding=data)
                   for k, (shape, dtype) in example_spec(config.data).items()}
     x1 = jax.ShapeDtypeStruct((1, *model_input(batch_spec).shape[1:]), jnp.float32)
@@ -147,10 +154,12 @@ def make_run(config: Any, mesh, num_classes: int, num_examples: int) -> Run:
     params = variables["params"]
     plan = finetune.make_plan(config, model, params)  # scratch / linear_probe / finetune[_bn]
     tx, schedule = finetune.build_optimizer(tc, plan, steps_per_epoch, total_steps)
-    state_spec = abstract_state(variables, tx, rep)
+    state_spec = abstract_state(variables, tx,
+                                lambda state: parallel.state_shardings(state, mesh, sharding))
     step_fn = make_train_step(model, tx, mesh, label_smoothing=tc.label_smoothing,
                               compute_dtype=COMPUTE_DTYPES[tc.compute_dtype], plan=plan,
-                              grad_accum_steps=int(tc.get("grad_accum_steps", 1)))
+                              grad_accum_steps=int(tc.get("grad_accum_steps", 1)),
+                              state_sharding=jax.tree.map(lambda s: s.sharding, state_spec))
     return Run(model, tx, schedule, steps_per_epoch, total_steps, step_fn, state_spec, batch_spec,
                step_key(config, mesh, num_classes, num_examples))
 
@@ -162,18 +171,21 @@ def prepare(config: Any, mesh=None) -> Run:
     from scaling.train.config import source_counts
 
     num_classes, num_examples = source_counts(config.data, config.data.train_split)
-    return make_run(config, mesh or parallel.make_mesh(), num_classes, num_examples)
+    return make_run(config, mesh or parallel.mesh_from_config(config), num_classes, num_examples)
 
 
 def restore(config: Any, run_dir: str, mesh=None, *, run: Run | None = None) -> dict:
     """The variables {'params': ..., 'batch_stats': ... (models with BatchNorm only)} of the
     newest readable checkpoint of `fit(config, run_dir)`, finished or not, as host numpy
     arrays. Pass `run` (this config's `prepare`) to reuse it. Raises FileNotFoundError naming
-    the directory when it holds no checkpoint."""
+    the directory when it holds no checkpoint.
+
+    The checkpoint is read onto `mesh` (default: the config's mesh when this process's devices
+    allow it, else data parallelism over them), whatever mesh it was saved from."""
     directory = rundir.checkpoint_dir(run_dir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint in {directory}: the directory does not exist.")
-    run = run or prepare(config, mesh)
+    run = run or prepare(config, mesh or restore_mesh(config))
     checkpointer = ckpt_lib.Checkpointer(directory)
     try:
         state, step = checkpointer.restore(run.state_spec)
@@ -214,5 +226,14 @@ def load_run(run_dir: str, mesh=None) -> tuple[Any, Run, dict]:
     """(config, Run, variables) of a run directory: the config `fit` recorded there, what it
     compiles to (`prepare`) and its newest checkpoint's variables (`restore`)."""
     config = run_config(run_dir)
-    run = prepare(config, mesh)
+    run = prepare(config, mesh or restore_mesh(config))
     return config, run, restore(config, run_dir, mesh, run=run)
+
+
+def restore_mesh(config: Any):
+    """Where a recorded run's state is read back: the config's mesh, or, when this process has
+    other devices than it was trained on (fsdp=8 read on one CPU), data parallelism over them."""
+    try:
+        return parallel.mesh_from_config(config)
+    except ValueError:
+        return parallel.make_mesh()

@@ -49,12 +49,17 @@ def create_state(model, tx: optax.GradientTransformation, rng: jax.Array,
 
 def abstract_state(variables: dict, tx: optax.GradientTransformation, sharding) -> TrainState:
     """The TrainState of `variables` (shapes, e.g. from jax.eval_shape) as ShapeDtypeStructs
-    placed with `sharding`: what a train step is lowered and compiled against."""
+    placed with `sharding`: what a train step is lowered and compiled against. `sharding` is
+    one sharding for every leaf, or a function from the state's shapes to a matching pytree of
+    shardings (e.g. `parallel.state_shardings`)."""
     params = variables["params"]
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                        batch_stats=variables.get("batch_stats", {}),
                        opt_state=jax.eval_shape(tx.init, params),
                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    if callable(sharding):
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            state, sharding(state))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state)
 
 

@@ -1,7 +1,8 @@
 """Jit-compiled train and eval steps over a device mesh.
 
 The step functions are pure; `make_train_step` / `make_eval_step` wrap them in `jax.jit` with
-the batch sharded over the mesh's 'data' axis, the state replicated and donated. On one CPU
+the batch sharded over the mesh's batch axes ('data', 'fsdp'), the state donated and placed
+with `state_sharding` (replicated by default; `parallel.state_shardings` for FSDP). On one CPU
 and on a pod slice the code is the same.
 """
 from __future__ import annotations
@@ -173,19 +174,23 @@ def eval_step(state: TrainState, batch: dict, *, model, compute_dtype: Any = jnp
 def make_train_step(model, tx, mesh, *, label_smoothing: float = 0.0,
                     compute_dtype: Any = jnp.float32, donate: bool = True,
                     compiler_options: dict | None = None,
-                    plan: finetune.Plan = finetune.TRAIN_ALL, grad_accum_steps: int = 1) -> Callable:
+                    plan: finetune.Plan = finetune.TRAIN_ALL, grad_accum_steps: int = 1,
+                    state_sharding: Any = None) -> Callable:
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     micro = NamedSharding(mesh, P(None, *data.spec))  # [k, batch / k, ...]: rows stay put
     fn = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
                            compute_dtype=compute_dtype, plan=plan,
                            grad_accum_steps=grad_accum_steps, microbatch_sharding=micro)
-    return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep),
+    state = rep if state_sharding is None else state_sharding
+    return jax.jit(fn, in_shardings=(state, data), out_shardings=(state, rep),
                    donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
 
 
 def make_eval_step(model, mesh, *, compute_dtype: Any = jnp.float32,
-                   compiler_options: dict | None = None, per_class: bool = False) -> Callable:
+                   compiler_options: dict | None = None, per_class: bool = False,
+                   state_sharding: Any = None) -> Callable:
     fn = functools.partial(eval_step, model=model, compute_dtype=compute_dtype, per_class=per_class)
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(fn, in_shardings=(rep, data), out_shardings=rep,
+    state = rep if state_sharding is None else state_sharding
+    return jax.jit(fn, in_shardings=(state, data), out_shardings=rep,
                    compiler_options=compiler_options)
