@@ -11,8 +11,8 @@ from typing import Any
 
 import ml_collections
 
-from scaling.parallel import check_mesh_config
 from scaling.models import check_model_name, model_fields, model_info
+from scaling.parallel import check_mesh_config
 from scaling.train.finetune import validate_init_config
 from scaling.train.optim import OPTIMIZERS, SCHEDULES
 
