@@ -101,6 +101,7 @@ def run_processes(args: list[str], *, num_processes: int = 2, devices: int = 4,
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(num_processes)]
     outs = [p.communicate(timeout=timeout) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * num_processes, "\n".join(  # every process's end: which one failed first
+        f"--- process {i} (exit {c}):\n{err[-2000:]}" for i, (c, (_, err)) in enumerate(zip(codes, outs)))
     return outs
