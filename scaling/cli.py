@@ -55,11 +55,14 @@ app.define_help_flags()
 
 LAUNCH_RECORD = "launch_config.json"
 # Fields that change how a launch executes, not what it computes (batches are a function of
-# (seed, step), whatever the number of decode threads or grid workers).
+# (seed, step), whatever the loader, the number of decode threads or processes, or grid workers).
 # Where the state lives (mesh.*, sharding.*) changes rounding only, as the device count does,
-# and a checkpoint restores onto any mesh: a relaunch may move a run to other devices.
+# and a checkpoint restores onto any mesh: a relaunch may move a run to other devices. The eval
+# batch changes no result; the memory settings only matter through the microbatch split they
+# choose (train.grad_accum_steps), which is compared.
 RUNTIME_FIELDS = ("grid.worker", "grid.num_workers", "grid.poll_s", "grid.heartbeat_s",
-                  "grid.stale_after_s", "data.workers", "train.progress_bar",
+                  "grid.stale_after_s", "data.workers", "data.loader", "train.progress_bar",
+                  "train.eval_batch_size", "train.auto_accumulate", "train.device_memory_gb",
                   "mesh.data", "mesh.fsdp", "sharding.rules", "sharding.fsdp_min_size")
 _MAX_SHOWN = 8  # differing fields listed in a config-change error
 

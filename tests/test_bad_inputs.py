@@ -88,6 +88,8 @@ def test_broken_config_files(capsys, tmp_path, configs, name, message):
     ("--config.model.depth=11", "model.depth"),
     ("--config.model.widen_factor=-1", "model.widen_factor must be > 0"),
     ("--config.data.image_size=0", "data.image_size=0 is invalid"),
+    ("--config.data.loader=processes", "data.loader='processes' is invalid: allowed values are "
+     "auto, grain, threads"),
     ("--config.train.optimizer=adamm", "train.optimizer: unknown 'adamm'"),
     ("--config.train.schedule=linear", "train.schedule: unknown 'linear'"),
     ("--config.train.compute_dtype=float16", "train.compute_dtype: unknown 'float16'"),

@@ -510,6 +510,8 @@ def test_tfds_unprepared_dataset_says_how_to_prepare(tmp_path, monkeypatch):
     (dict(classes=(1, 1)), r"data.classes"),
     (dict(name="cifar100"), r"data.name='cifar100'.*data.source='tfds'"),
     (dict(crop_fraction=1.5), r"data.crop_fraction"),
+    (dict(loader="processes"), r"data.loader='processes'.*auto, grain, threads"),
+    (dict(workers=-1), r"data.workers=-1.*grain: worker processes"),
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -573,3 +575,66 @@ def test_prefetch_reraises_worker_errors_and_stops():
     assert not it._thread.is_alive()
     with pytest.raises(StopIteration):
         next(it)
+
+
+# ----------------------------------------------------------------------------- grain loader
+def test_auto_loader_follows_the_measured_choice_per_source():
+    assert data.resolve_loader(config()) == "threads"                     # embedded
+    assert data.resolve_loader(config(source="folder")) == "grain"
+    assert data.resolve_loader(config(source="tfds")) == "grain"
+    assert data.resolve_loader(config(source="folder", loader="threads")) == "threads"
+    assert data.resolve_loader(config(loader="grain")) == "grain"
+
+
+def test_grain_batches_equal_the_threads_loaders_for_any_worker_count(train_ds):
+    """The batch is the same function of (seed, step) on both loaders: bitwise equal batches
+    for 0 (in-process), 1 and 2 worker processes, from any start step, on any host."""
+    want = dict(data.prefetch(train_ds, 3, 7, 32, process_index=1, process_count=2))
+    grain_ds = data.Dataset(train_ds.source, train_ds.transform, split="train", train=True,
+                            seed=0, loader="grain")
+    for workers in (0, 1, 2):
+        grain_ds.workers = workers
+        with data.prefetch(grain_ds, 3, 7, 32, process_index=1, process_count=2) as it:
+            got = list(it)
+        assert [s for s, _ in got] == [3, 4, 5, 6], workers
+        for step, batch in got:
+            assert_batches_equal(batch, want[step])
+    # a loader without an end resumes at any step
+    with data.prefetch(grain_ds, 5, None, 32, process_index=1, process_count=2) as it:
+        step, batch = next(it)
+    assert step == 5
+    assert_batches_equal(batch, want[5])
+
+
+def test_grain_eval_batches_equal_the_threads_loaders(tmp_path):
+    """A JPEG folder (decoded in the worker processes), eval padded and masked."""
+    _jpeg_folder(tmp_path, ["a", "b", "c"], 7, size=(30, 24))
+    cfg = config(source="folder", path=str(tmp_path), val_fraction=0.0, image_size=16,
+                 crop="random_resized", loader="threads")
+    threads = data.build_dataset(cfg, "train", train=False, seed=0)
+    cfg.update(loader="grain", workers=2)
+    grain_ds = data.build_dataset(cfg, "train", train=False, seed=0)
+    assert (threads.loader, grain_ds.loader) == ("threads", "grain")
+    want, got = list(threads.eval_batches(8)), list(grain_ds.eval_batches(8))
+    assert [b["mask"].sum() for b in got] == [8, 8, 5]
+    for a, b in zip(want, got):
+        assert_batches_equal(a, b)
+    train = data.build_dataset(cfg, "train", train=True, seed=4)
+    with data.prefetch(train, 0, 3, 8) as it:
+        for step, batch in it:
+            assert_batches_equal(batch, train.train_batch(step, 8))
+
+
+def test_grain_reraises_worker_errors_and_stops():
+    ds = data.Dataset(_FailingSource(fail_on_call=1), augment.Transform(image_size=8, pad=2),
+                      split="train", train=True, seed=0, workers=1, loader="grain")
+    it = data.prefetch(ds, 0, 10, 8)
+    with pytest.raises(OSError, match="disk went away"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_loader_position_is_the_step_and_what_makes_its_batch(train_ds):
+    assert data.loader_position(train_ds, 12, 32) == {
+        "next_step": 12, "seed": 0, "global_batch": 32, "num_examples": 10_000}

@@ -88,10 +88,27 @@ def test_switched_model_trains(tmp_path):
     assert "widen_factor" not in recorded["model"]
 
 
-def test_sigkill_and_relaunch_gives_the_same_result(tmp_path):
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc; [] elsewhere)."""
+    out = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+@pytest.mark.parametrize("loader", ["threads", "grain"])
+def test_sigkill_and_relaunch_gives_the_same_result(tmp_path, loader):
+    """The reference runs on the default loader (threads, for the embedded data); the killed
+    and relaunched run on `loader` (grain: two worker processes), and must match it exactly."""
     args = [*TEST, "--config.train.num_steps=16", "--config.train.checkpoint_every_steps=4"]
     ref = run_launch([*args, "--workdir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-3000:]
+    args += [f"--config.data.loader={loader}", "--config.data.workers=2"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     work = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args, "--workdir", str(work)],
@@ -103,9 +120,16 @@ def test_sigkill_and_relaunch_gives_the_same_result(tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "run ended before it could be killed"
+    workers = _children(proc.pid)
+    assert loader == "threads" or len(workers) >= 2, workers  # grain's processes (+ helpers)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (work / "result.json").exists()
+    # the killed run's worker processes exit with it (they never get a stop request)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in workers):
+        time.sleep(0.2)
+    assert not [p for p in workers if os.path.exists(f"/proc/{p}")], "worker processes outlived the run"
     again = run_launch([*args, "--workdir", str(work)])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr

@@ -13,18 +13,21 @@ Sources (`data.source`): 'embedded' (10,000 / 2,000 CIFAR-10 JPEGs in the packag
 (root/<class>/*.jpg). A data section with `modality='audio'` describes waveforms instead
 (`scaling.data.audio`: WAV folders, TFDS speech_commands, embedded spoken digits; batches of
 'audio', 'label' and 'next_sample'). Batch `step` is a pure function of (seed, step), for any
-number of hosts; turning host-local batches into global jax arrays is `scaling.parallel`'s job.
+number of hosts, and for either loader (`data.loader`: 'threads' or 'grain' worker processes)
+and any `data.workers`; turning host-local batches into global jax arrays is
+`scaling.parallel`'s job.
 """
 from scaling.data.audio import default_audio_data_config
 from scaling.data.augment import Transform
 from scaling.data.config import default_data_config, validate_data_config
-from scaling.data.pipeline import (Dataset, Prefetcher, build_dataset, build_source, example_spec,
-                                   prefetch)
+from scaling.data.pipeline import (Dataset, GrainLoader, Prefetcher, build_dataset, build_source,
+                                   example_spec, loader_position, prefetch, resolve_loader)
 from scaling.data.sources import (ArraySource, FolderSource, Source, SubsetSource, decode_image,
                                   embedded_source)
 
 __all__ = [
-    "ArraySource", "Dataset", "FolderSource", "Prefetcher", "Source", "SubsetSource",
-    "Transform", "build_dataset", "build_source", "decode_image", "default_audio_data_config",
-    "default_data_config", "embedded_source", "example_spec", "prefetch", "validate_data_config",
+    "ArraySource", "Dataset", "FolderSource", "GrainLoader", "Prefetcher", "Source",
+    "SubsetSource", "Transform", "build_dataset", "build_source", "decode_image",
+    "default_audio_data_config", "default_data_config", "embedded_source", "example_spec",
+    "loader_position", "prefetch", "resolve_loader", "validate_data_config",
 ]

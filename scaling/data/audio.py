@@ -291,17 +291,16 @@ class AudioDataset(Dataset):
                               chunks))
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _eval_iter(self, global_batch: int, rows: slice, pool=None):
+    def _eval_batch(self, index: int, global_batch: int, rows: slice, pool=None) -> dict:
         per_host = rows.stop - rows.start
-        for start in range(0, self.num_examples, global_batch):
-            positions = np.arange(start + rows.start, start + rows.stop)
-            real = positions[positions < self.num_examples]
-            batch = self.transform.empty(per_host)
-            if len(real):
-                for key, value in self._rows(real, None, pool).items():
-                    batch[key][:len(real)] = value
-            batch["mask"] = (positions < self.num_examples).astype(np.float32)
-            yield batch
+        positions = np.arange(index * global_batch + rows.start, index * global_batch + rows.stop)
+        real = positions[positions < self.num_examples]
+        batch = self.transform.empty(per_host)
+        if len(real):
+            for key, value in self._rows(real, None, pool).items():
+                batch[key][:len(real)] = value
+        batch["mask"] = (positions < self.num_examples).astype(np.float32)
+        return batch
 
 
 def build_dataset(cfg, split: str, *, train: bool, seed: int) -> AudioDataset:

@@ -11,6 +11,7 @@ SOURCES = ("embedded", "tfds", "folder")
 CROPS = ("pad_crop", "random_resized", "none")
 PAD_MODES = ("reflect", "zero")
 EMBEDDED_NAMES = ("cifar10",)
+LOADERS = ("auto", "grain", "threads")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -40,7 +41,12 @@ def default_data_config() -> ml_collections.ConfigDict:
         classes=(),                   # class indices to keep, relabelled 0..n-1; () = all
         examples_per_class=0,         # first n of each class; 0 = all
         val_fraction=0.1,             # folder without split dirs: last fraction of each class
-        workers=2,                    # decode / augment threads of the prefetcher
+        # How batches are decoded and augmented ahead of the train step (the batches are the
+        # same either way): 'threads' (data.workers threads), 'grain' (data.workers processes;
+        # 0: in this process) or 'auto' (the one measured faster for data.source: grain for
+        # 'folder' and 'tfds', threads for 'embedded'; see the README).
+        loader="auto",
+        workers=2,                    # decode / augment threads or grain processes
     ))
 
 
@@ -80,6 +86,9 @@ def validate_data_config(cfg) -> None:
     if cfg.std is not None and min(cfg.std) <= 0:
         _fail("std", cfg.std, "every value must be > 0")
     validate_subset_fields(cfg)
+    if cfg.get("loader", "auto") not in LOADERS:
+        _fail("loader", cfg.loader, f"allowed values are {', '.join(LOADERS)} ('auto': the one "
+              "measured faster for data.source)")
     if cfg.source == "embedded" and cfg.name not in EMBEDDED_NAMES:
         _fail("name", cfg.name, f"data.source='embedded' ships only {', '.join(EMBEDDED_NAMES)}; "
               "use data.source='tfds' or 'folder' for other datasets")
@@ -100,7 +109,8 @@ def validate_subset_fields(cfg) -> None:
     if not 0 <= cfg.val_fraction < 1:
         _fail("val_fraction", cfg.val_fraction, "must be in [0, 1)")
     if not _is_int(cfg.workers) or cfg.workers < 0:
-        _fail("workers", cfg.workers, "must be an integer >= 0 (0 or 1: no thread pool)")
+        _fail("workers", cfg.workers, "must be an integer >= 0 (threads: 0 or 1 is no thread "
+              "pool; grain: worker processes, 0 decodes in this process)")
 
 
 IMAGE_FOLDER = ("/path/to/images, a directory laid out as <path>/<class>/*.jpg (optionally "

@@ -258,6 +258,9 @@ def _setup(config: Any, workdir: str, mesh, variables: dict | None, until_step: 
     checkpointer = ckpt_lib.Checkpointer(rundir.checkpoint_dir(workdir), max_to_keep=tc.keep_checkpoints)
     state, restored = checkpointer.restore(state)
     start = int(parallel.fetch(state.step))
+    if restored is not None:
+        _check_loader_position(checkpointer.data, data_lib.loader_position(
+            train_ds, start, tc.batch_size))
     window, first_loss = [], None
     if restored is not None:
         log.info("resumed from %s at step %d", checkpointer.directory, start)
@@ -290,6 +293,18 @@ def _setup(config: Any, workdir: str, mesh, variables: dict | None, until_step: 
                     t0 - t_setup, compile_s, is_main, window, first_loss)
 
 
+def _check_loader_position(saved: dict | None, current: dict) -> None:
+    """Warns when the checkpoint's input-pipeline record (None: a step saved before it was
+    recorded) does not describe the batches this launch reads from its step on."""
+    if saved is None:
+        return
+    changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if changed:
+        log.warning("the checkpoint's input-pipeline position differs from this launch's "
+                    "(%s): the batches from here on are not those of an uninterrupted run",
+                    ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+
+
 def _carried_over(workdir: str, step: int, mesh) -> tuple[list, float | None]:
     """The log window in progress and the divergence reference at checkpoint `step`
     (progress.json), with the window's per-step metrics back on the devices."""
@@ -317,9 +332,10 @@ def _train_loop(s: _Session, on_log: Callable[[int, dict], None] | None) -> bool
     s.step = s.start
     preempted = False
     try:
-        with _StopRequest() as stop:
-            for step_idx, local in data_lib.prefetch(s.train_ds, s.start, s.stop, batch,
-                                                     jax.process_index(), jax.process_count()):
+        with _StopRequest() as stop, data_lib.prefetch(
+                s.train_ds, s.start, s.stop, batch, jax.process_index(),
+                jax.process_count()) as batches:
+            for step_idx, local in batches:
                 s.state, m = s.compiled(s.state, parallel.to_global(local, batch_sharding))
                 s.window.append(m)
                 s.step = step = step_idx + 1
@@ -405,7 +421,8 @@ def _save(s: _Session, step: int, force: bool = False) -> None:
     if not bool(parallel.fetch(_all_finite((s.state.params, s.state.batch_stats)))):
         raise Diverged(step, float("nan"), "params",
                        "the parameters or BatchNorm statistics are not finite")
-    if s.checkpointer.save(step, s.state, force=force) and s.is_main:
+    position = data_lib.loader_position(s.train_ds, step, s.config.train.batch_size)
+    if s.checkpointer.save(step, s.state, force=force, data=position) and s.is_main:
         window = parallel.fetch(s.window)
         rundir.write_progress(s.workdir, step, {
             "window": [{k: float(v) for k, v in m.items()} for m in window],
