@@ -579,11 +579,10 @@ def test_prefetch_reraises_worker_errors_and_stops():
 
 # ----------------------------------------------------------------------------- grain loader
 def test_auto_loader_follows_the_measured_choice_per_source():
-    assert data.resolve_loader(config()) == "threads"                     # embedded
-    assert data.resolve_loader(config(source="folder")) == "grain"
-    assert data.resolve_loader(config(source="tfds")) == "grain"
-    assert data.resolve_loader(config(source="folder", loader="threads")) == "threads"
-    assert data.resolve_loader(config(loader="grain")) == "grain"
+    for source in ("embedded", "folder", "tfds"):   # grain was not faster on 2 cores
+        assert data.resolve_loader(config(source=source)) == "threads"
+    assert data.resolve_loader(config(source="folder", loader="grain")) == "grain"
+    assert data.resolve_loader(config(loader="threads")) == "threads"
 
 
 def test_grain_batches_equal_the_threads_loaders_for_any_worker_count(train_ds):

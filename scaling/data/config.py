@@ -43,8 +43,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         val_fraction=0.1,             # folder without split dirs: last fraction of each class
         # How batches are decoded and augmented ahead of the train step (the batches are the
         # same either way): 'threads' (data.workers threads), 'grain' (data.workers processes;
-        # 0: in this process) or 'auto' (the one measured faster for data.source: grain for
-        # 'folder' and 'tfds', threads for 'embedded'; see the README).
+        # 0: in this process) or 'auto' (the one measured faster for data.source on the 2-core
+        # machines here: threads for every source; see the README).
         loader="auto",
         workers=2,                    # decode / augment threads or grain processes
     ))

@@ -205,8 +205,11 @@ def resolve_loader(data_cfg, source: Source | None = None) -> str:
     return AUTO_LOADER.get(data_cfg.source, "threads")
 
 
-# data.loader='auto' per data.source: what benchmarks/input_pipeline.py measured faster.
-AUTO_LOADER = {"embedded": "threads", "folder": "grain", "tfds": "grain"}
+# data.loader='auto' per data.source: what benchmarks/input_pipeline.py measured faster on the
+# 2-core machines here (README, data section). Grain was slower on a JPEG folder at 1, 2 and 4
+# workers (e.g. 228 vs 280 images/s at 2) and not faster beyond run-to-run noise on TFDS, and
+# its workers take seconds to start; the in-memory embedded set was not worth processes.
+AUTO_LOADER = {"embedded": "threads", "folder": "threads", "tfds": "threads"}
 
 
 def example_spec(data_cfg) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -412,19 +415,25 @@ class GrainLoader:
         else:
             ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=depth))
         self._iter = iter(ds)
+        self._left = None if stop is None else max(stop - start, 0)
         self._done = False
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self._done:
+        # The end is counted here: asking grain for it waits ~4 s for every worker to report.
+        if self._done or self._left == 0:
+            self.close()
             raise StopIteration
         try:
-            return next(self._iter)
+            item = next(self._iter)
         except BaseException:
             self.close()
             raise
+        if self._left is not None:
+            self._left -= 1
+        return item
 
     def get_state(self) -> dict:
         """grain's iterator state (per-worker positions; see `loader_position` for what is
