@@ -198,3 +198,24 @@ def test_validation_names_the_field(field, value, match):
     cfg[section][key] = value
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
         validate_config(cfg, num_devices=8)
+
+
+def test_checkpoint_data_item_and_steps_saved_before_it(tmp_path):
+    """Steps carry the input position as a 'data' item; a step written before that item
+    existed (a single-item Orbax checkpoint) still restores, with no data record."""
+    import orbax.checkpoint as ocp
+
+    old = ocp.CheckpointManager(str(tmp_path), options=ocp.CheckpointManagerOptions(create=True))
+    old.save(1, args=ocp.args.StandardSave({"w": np.arange(3.0)}))
+    old.wait_until_finished()
+    old.close()
+    target = {"w": np.zeros(3)}
+    ck = Checkpointer(str(tmp_path))
+    state, step = ck.restore(target)
+    assert step == 1 and ck.data is None and state["w"].tolist() == [0.0, 1.0, 2.0]
+    ck.save(2, {"w": np.arange(3.0) + 1}, data={"next_step": 2, "seed": 0})
+    ck.close()
+    ck = Checkpointer(str(tmp_path))
+    state, step = ck.restore(target)
+    ck.close()
+    assert step == 2 and ck.data == {"next_step": 2, "seed": 0} and state["w"].tolist() == [1.0, 2.0, 3.0]
