@@ -155,3 +155,19 @@ def test_a_launch_over_the_cap_trains_in_microbatches_and_records_them(tmp_path,
     assert "global batch 64 in 2 microbatches of 32" in caplog.text
     recorded = json.loads((workdir / "config.json").read_text())
     assert recorded["train"]["grad_accum_steps"] == 2
+
+
+def test_a_sweeps_preflight_splits_a_trial_over_its_memory_budget_before_calling_it_infeasible():
+    """grid.max_memory_mb between the needs of 1 and 2 microbatches: the preflight records
+    grad_accum_steps=2 and the peak of that split; a budget under every split: DoesNotFit,
+    which the grid records as `infeasible`."""
+    from experiments import grid
+
+    config, mesh = _config(), parallel.make_mesh()
+    need = {k: memory.train_step_bytes(config, mesh, k) for k in (1, 2, 8)}
+    budget_mb = (need[1] + need[2]) / 2 / 1e6
+    pre = grid.preflight(config, memory_limit_mb=budget_mb)
+    assert pre["grad_accum_steps"] == 2 and pre["peak_memory_mb"] == need[2] / 1e6
+    assert config.train.grad_accum_steps == 1          # the trial's config is not changed here
+    with pytest.raises(memory.DoesNotFit):
+        grid.preflight(config, memory_limit_mb=(need[8] - 1) / 1e6)
