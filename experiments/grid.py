@@ -263,7 +263,7 @@ def preflight(config: Any, memory_limit_mb: float = 0.0) -> dict:
         config.train.grad_accum_steps, need = memory.plan_train(config, mesh, limit, source)
     if device:  # the study's budget is about training; evaluation only has to fit the device
         config.train.eval_batch_size, _ = memory.plan_eval(
-            config, mesh, *memory.eval_limit(device, device_source, need), need)
+            config, mesh, *memory.eval_limit(device, device_source, config, mesh), need)
     run = prepare(config, mesh)
     size = config.data.image_size
     x1 = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)

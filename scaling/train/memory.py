@@ -85,14 +85,20 @@ def _with(config: Any, **train_fields) -> Any:
     return config
 
 
-def train_step_bytes(config: Any, mesh, grad_accum_steps: int) -> int | None:
-    """XLA's per-device estimate for one train step of `config` in `grad_accum_steps`
-    microbatches (the compiled step is kept by `Run.compile`, so `fit` reuses it)."""
+def train_step_memory(config: Any, mesh, grad_accum_steps: int) -> dict:
+    """XLA's per-device memory analysis of one train step of `config` in `grad_accum_steps`
+    microbatches (`profile.compiled_memory`; the compiled step is kept by `Run.compile`, so
+    `fit` reuses it)."""
     from scaling.profile import compiled_memory
     from scaling.train.run import prepare
 
     run = prepare(_with(config, grad_accum_steps=grad_accum_steps), mesh)
-    return compiled_memory(run.compile()).get("peak_bytes")
+    return compiled_memory(run.compile())
+
+
+def train_step_bytes(config: Any, mesh, grad_accum_steps: int) -> int | None:
+    """XLA's per-device estimate (peak bytes) for one train step: `train_step_memory`."""
+    return train_step_memory(config, mesh, grad_accum_steps).get("peak_bytes")
 
 
 def eval_step_bytes(config: Any, mesh, eval_batch_size: int) -> int | None:
@@ -196,15 +202,20 @@ def plan_eval(config: Any, mesh, limit: int, source: str,
     return e, need
 
 
-def eval_limit(limit: int, source: str, train_need: int | None) -> tuple[int, str]:
+def eval_limit(limit: int, source: str, config: Any, mesh) -> tuple[int, str]:
     """The memory an eval step may use after training steps ran. On the CPU backend the
-    process does not give the train step's memory back (vgg11_bn at 224 px: a train step
-    estimated at 12.4 GiB and an eval step at batch 512 estimated under the 19.9 GiB available
-    were killed together on a 23 GiB host), so there the eval step gets what the train step
-    leaves; elsewhere the device's whole limit."""
-    if jax.default_backend() != "cpu" or not train_need or train_need >= limit:
+    process does not give the train step's working memory back (vgg11_bn at 224 px: a train
+    step estimated at 12.4 GiB and an eval step at batch 512 estimated under the 19.9 GiB
+    available were killed together on a 23 GiB host), so there the eval step gets the limit
+    less what the train step needs beyond its arguments (the train state, which the eval step
+    reads too, and the batch); elsewhere the device's whole limit."""
+    if jax.default_backend() != "cpu":
         return limit, source
-    return limit - train_need, f"{source}, less the train step's {_bytes(train_need)}"
+    mem = train_step_memory(config, mesh, int(config.train.get("grad_accum_steps", 1)))
+    kept = mem.get("peak_bytes", 0) - mem.get("argument_bytes", 0)
+    if kept <= 0 or kept >= limit:
+        return limit, source
+    return limit - kept, f"{source}, less the train step's working {_bytes(kept)}"
 
 
 def plan_memory(config: Any, mesh=None) -> MemoryPlan:
@@ -217,7 +228,7 @@ def plan_memory(config: Any, mesh=None) -> MemoryPlan:
                           int(config.train.eval_batch_size), None, None, None, "")
     k, train_need = plan_train(config, mesh, limit, source)
     config = _with(config, grad_accum_steps=k)
-    e, eval_need = plan_eval(config, mesh, *eval_limit(limit, source, train_need), train_need)
+    e, eval_need = plan_eval(config, mesh, *eval_limit(limit, source, config, mesh), train_need)
     return MemoryPlan(k, e, train_need, eval_need, limit, source)
 
 
