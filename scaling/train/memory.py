@@ -115,7 +115,8 @@ def eval_step_bytes(config: Any, mesh, eval_batch_size: int) -> int | None:
     spec = {k: jax.ShapeDtypeStruct((eval_batch_size, *shape), dtype, sharding=data)
             for k, (shape, dtype) in example_spec(config.data).items()}
     spec["mask"] = jax.ShapeDtypeStruct((eval_batch_size,), jnp.float32, sharding=data)
-    step = make_eval_step(run.model, mesh, compute_dtype=COMPUTE_DTYPES[config.train.compute_dtype])
+    step = make_eval_step(run.model, mesh, compute_dtype=COMPUTE_DTYPES[config.train.compute_dtype],
+                          state_sharding=run.state_sharding)
     return compiled_memory(step.lower(run.state_spec, spec).compile()).get("peak_bytes")
 
 
