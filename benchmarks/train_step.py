@@ -43,7 +43,7 @@ from scaling import _env, parallel, profile  # noqa: E402
 from scaling.models import create_model, model_info  # noqa: E402
 from scaling.train.loop import COMPUTE_DTYPES  # noqa: E402
 from scaling.train.state import create_state  # noqa: E402
-from scaling.train.step import make_train_step  # noqa: E402
+from scaling.train.step import ACCUMULATE, make_train_step  # noqa: E402
 
 
 def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -127,7 +127,8 @@ def bench(args) -> dict:
     batch = {"image": rng.standard_normal((args.batch, size, size, 3)).astype(np.float32),
              "label": rng.integers(0, args.num_classes, args.batch).astype(np.int32)}
     gbatch = parallel.to_global(batch, shard)
-    step = make_train_step(model, tx, mesh, compute_dtype=dtype)
+    step = make_train_step(model, tx, mesh, compute_dtype=dtype, grad_accum_steps=args.grad_accum_steps,
+                           accumulate=args.accumulate)
     t = time.perf_counter()
     compiled = step.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t
@@ -144,7 +145,10 @@ def bench(args) -> dict:
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - t) / args.steps
     out = {"model": args.model, "batch": args.batch, "resolution": size,
-           "dtype": args.dtype, "cpu_native_bf16": _env.cpu_has_native_bf16(),
+           "dtype": args.dtype, "grad_accum_steps": args.grad_accum_steps,
+           "accumulate": args.accumulate if args.grad_accum_steps > 1 else "-",
+           "peak_memory_mb": round(profile.compiled_memory(compiled).get("peak_bytes", 0) / 2 ** 20, 1),
+           "cpu_native_bf16": _env.cpu_has_native_bf16(),
            "devices": jax.device_count(),
            "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
@@ -194,6 +198,11 @@ def main():
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false")
     p.add_argument("--compare-xla-flag", action="store_true",
                    help="also run with SCALING_CPU_CONV_FLAG=0 (XLA's default conv path)")
+    p.add_argument("--grad-accum-steps", type=int, default=1,
+                   help="microbatches per step (train.grad_accum_steps)")
+    p.add_argument("--accumulate", default="auto", choices=ACCUMULATE,
+                   help="how microbatches run: scan (in the compiled step), host (a compiled "
+                        "microbatch step called k times), auto (host on CPU)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.compare_xla_flag:

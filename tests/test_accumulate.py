@@ -32,14 +32,15 @@ def _batch(n, shape, classes=10, seed=0):
     return {"image": rng.standard_normal((n, *shape)), "label": rng.integers(0, classes, n).astype(np.int32)}
 
 
-def _step(model, state, batch, mesh, k, tx):
+def _step(model, state, batch, mesh, k, tx, accumulate="auto"):
     step = make_train_step(model, tx, mesh, donate=False, compiler_options=FAST_COMPILE,
-                           grad_accum_steps=k)
+                           grad_accum_steps=k, accumulate=accumulate)
     return step(parallel.replicate(state, mesh),
                 parallel.to_global(batch, parallel.batch_sharding(mesh)))
 
 
-def test_microbatches_equal_one_large_batch_for_a_layernorm_model(x64):
+@pytest.mark.parametrize("accumulate", ["scan", "host"])
+def test_microbatches_equal_one_large_batch_for_a_layernorm_model(x64, accumulate):
     """A ViT (LayerNorm, no dropout) in float64: 4 microbatches of 8 give the update of one
     batch of 32 within 1e-6 (over two steps, so the momentum carries the difference too)."""
     model = create_model("vit_ti_16", patch_size=4, hidden_size=16, num_layers=1, num_heads=2,
@@ -53,7 +54,7 @@ def test_microbatches_equal_one_large_batch_for_a_layernorm_model(x64):
     for k in (1, 4):
         s, losses = state, []
         for i in range(2):
-            s, metrics = _step(model, s, _batch(32, (8, 8, 3), seed=i), mesh, k, tx)
+            s, metrics = _step(model, s, _batch(32, (8, 8, 3), seed=i), mesh, k, tx, accumulate)
             s = parallel.fetch(s)
             losses.append(float(metrics["loss"]))
         results[k] = (s, losses)
@@ -67,7 +68,8 @@ def test_microbatches_equal_one_large_batch_for_a_layernorm_model(x64):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
 
 
-def test_batchnorm_microbatches_are_ghost_batches():
+@pytest.mark.parametrize("accumulate", ["scan", "host"])
+def test_batchnorm_microbatches_are_ghost_batches(accumulate):
     """With BatchNorm, microbatch i is rows i, i+k, ...; it is normalised with its own
     statistics and the running averages are updated once per microbatch, in order."""
     model = create_model("wide_resnet", depth=10, widen_factor=1, convs_per_block=1, num_classes=10)
@@ -75,7 +77,7 @@ def test_batchnorm_microbatches_are_ghost_batches():
     state = create_state(model, tx, jax.random.PRNGKey(0), (8, 8, 3))
     batch = _batch(16, (8, 8, 3))
     batch["image"] = batch["image"].astype(np.float32)
-    new, metrics = _step(model, state, batch, parallel.make_mesh(8), 2, tx)
+    new, metrics = _step(model, state, batch, parallel.make_mesh(8), 2, tx, accumulate)
     new = parallel.fetch(new)
 
     stats, losses = state.batch_stats, []
@@ -88,6 +90,33 @@ def test_batchnorm_microbatches_are_ghost_batches():
     for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(new.batch_stats)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["loss"]), float(np.mean(losses)), rtol=1e-5)
+
+
+def test_host_accumulation_equals_the_scanned_step_and_needs_less_memory():
+    """The CPU form (k microbatch steps called from Python, then the update) gives the scanned
+    step's new state and metrics, dropout included, and its memory estimate counts one
+    microbatch's activations: below the one-batch step's."""
+    model = create_model("wide_resnet", depth=10, widen_factor=1, convs_per_block=1,
+                         dropout=0.3, num_classes=10)
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = create_state(model, tx, jax.random.PRNGKey(0), (16, 16, 3))
+    batch = _batch(32, (16, 16, 3))
+    batch["image"] = batch["image"].astype(np.float32)
+    mesh = parallel.make_mesh(8)
+    out = {a: _step(model, state, batch, mesh, 4, tx, a) for a in ("scan", "host")}
+    (scan, m_scan), (host, m_host) = (jax.tree.map(np.asarray, parallel.fetch(o)) for o in out.values())
+    assert set(m_host) == set(m_scan) and int(host.step) == 1
+    for a, b in zip(jax.tree.leaves((scan, m_scan)), jax.tree.leaves((host, m_host))):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(host.params["fc"]["kernel"], np.asarray(state.params["fc"]["kernel"]))
+
+    from scaling.profile import compiled_memory
+    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    spec = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state),
+            {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data) for k, v in batch.items()})
+    peak = {k: compiled_memory(make_train_step(model, tx, mesh, grad_accum_steps=k, accumulate="host")
+                               .lower(*spec).compile())["peak_bytes"] for k in (1, 4)}
+    assert peak[4] < peak[1]
 
 
 def test_a_batch_that_does_not_split_over_the_microbatches_is_refused():

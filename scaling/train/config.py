@@ -25,7 +25,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         batch_size=128,             # global batch, split over every device of every host
         eval_batch_size=512,
-        grad_accum_steps=1,         # microbatches per update (batch_size / k at a time; a scan)
+        grad_accum_steps=1,         # microbatches per update (batch_size / k at a time)
         auto_accumulate=True,       # when a step does not fit in device memory: more microbatches
                                     # (and a smaller eval batch) until it does; logged
         device_memory_gb=0.0,       # per-device memory for that choice; 0: detect (CPU: the

@@ -165,10 +165,6 @@ def plan_train(config: Any, mesh, limit: int, source: str) -> tuple[int, int | N
     log.info("memory: a train step of %s at batch %d does not fit in %s (%s); training in "
              "grad_accum_steps=%d microbatches of %d (about %s per device)", _what(config), batch,
              _bytes(limit), source, fits[0], batch // fits[0], _bytes(fits[1]))
-    if jax.default_backend() == "cpu":
-        log.warning("memory: on the CPU backend convolutions inside the microbatch loop run "
-                    "several times slower than outside it (XLA, jax-ml/jax#12868; resnet18 at "
-                    "32 px: 10x); a smaller --config.train.batch_size trains faster here")
     return fits
 
 
