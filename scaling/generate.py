@@ -17,20 +17,9 @@ import argparse
 import os
 import wave
 
-import ml_collections
 import numpy as np
 
-from scaling import rundir
 from scaling.cli import fail
-
-
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config WORKDIR was trained with (its config.json, see scaling.rundir)."""
-    config = rundir.read_config(workdir)
-    if config is None:
-        raise FileNotFoundError(f"--workdir {workdir} has no {rundir.CONFIG}: give the workdir "
-                                "of a training run (python launch.py --config configs/wavenet.py).")
-    return config
 
 
 def check_generative(config) -> None:
@@ -102,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                              f"{args.temperature} >= 0.")
         if args.prompt and not os.path.isfile(args.prompt):
             raise FileNotFoundError(f"--prompt {args.prompt}: no such file.")
+        from scaling.train import run_config
+
         config = run_config(args.workdir)
         check_generative(config)
         samples = generate(config, args.workdir, args.seconds, temperature=args.temperature,

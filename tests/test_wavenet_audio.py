@@ -299,4 +299,8 @@ def test_generate_writes_a_wav_that_reads_back(trained_run, tmp_path, capsys):
     assert got == (1, 2, 8000, 400)
     with pytest.raises(SystemExit) as e:
         generate.main(["--workdir", str(tmp_path / "none"), "--out", str(out)])
-    assert e.value.code == 2 and "has no config.json" in capsys.readouterr().err
+    assert e.value.code == 2 and "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--workdir", str(tmp_path / "empty"), "--out", str(out)])
+    assert e.value.code == 2 and "has no config.json; train into it first" in capsys.readouterr().err
