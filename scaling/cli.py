@@ -18,7 +18,7 @@ the workdir, a changed config on relaunch, unreadable checkpoints) is printed as
 instead, with its traceback). The config, the data sources and the workdir are all checked
 before anything is written: a run that fails them leaves its workdir as it was.
 
-The first launch into a workdir records its config (WORKDIR/launch_config.json). A relaunch
+The first launch into a workdir records its config (WORKDIR/config.json). A relaunch
 whose config differs in any field but the ones in RUNTIME_FIELDS prints the differing fields
 and stops, because resuming would no longer reproduce one uninterrupted run; with
 `--accept_config_change` it goes on and records the new config.
@@ -53,7 +53,6 @@ flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 app.define_help_flags()
 
-LAUNCH_RECORD = "launch_config.json"
 # Fields that change how a launch executes, not what it computes (batches are a function of
 # (seed, step), whatever the loader, the number of decode threads or processes, or grid workers).
 # Where the state lives (mesh.*, sharding.*) changes rounding only, as the device count does,
@@ -366,7 +365,7 @@ def check_relaunch(config: Any, workdir: str, accept_change: bool) -> dict | Non
     fields when they differ and `accept_change` is False. A workdir without a record (a
     new one, or one started before records existed) takes this config."""
     current = json.loads(config.to_json_best_effort())
-    saved = rundir.read_json(os.path.join(workdir, LAUNCH_RECORD))
+    saved = rundir.read_json(os.path.join(workdir, rundir.CONFIG))
     if saved is None:
         return current
     changes = config_changes(saved, current)
@@ -418,7 +417,7 @@ def launch(config: Any, workdir: str, *, coordinator_address: str | None = None,
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         if record is not None:
-            rundir.write_json_atomic(os.path.join(workdir, LAUNCH_RECORD), record)
+            rundir.write_json_atomic(os.path.join(workdir, rundir.CONFIG), record)
     log.info("%s on %d device(s) x %d process(es) -> %s", config.get("experiment", "train"),
              jax.device_count(), jax.process_count(), workdir)
     try:

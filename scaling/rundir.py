@@ -28,7 +28,8 @@ these names and helpers rather than spelling paths itself.
       config.json     the config `fit` trains with, as JSON (tuples as lists), rewritten by
                       every launch (`fit`, process 0): what evaluation, prediction and weight
                       export rebuild the model, its classes and its preprocessing from
-                      (`read_config`). Deterministic.
+                      (`read_config`), and what a relaunch is compared with (`scaling.cli`;
+                      a sweep's workdir holds its own, and each trial one). Deterministic.
 
 Every JSON file is written atomically (a temporary file, then `os.replace`), so a reader sees
 either the old or the new content, never half a file.

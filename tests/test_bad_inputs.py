@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scaling import cli, parallel
+from scaling import cli, parallel, rundir
 from tests.conftest import ROOT
 
 TRAIN = ["--config", "configs/train.py:test"]
@@ -216,16 +216,16 @@ def test_relaunch_with_a_changed_config_stops_and_names_the_fields(capsys, tmp_p
     config = cli.load_config("configs/train.py:test", [("train.lr", "0.05")])
     workdir.mkdir()
     recorded = cli.check_relaunch(config, str(workdir), accept_change=False)
-    (workdir / cli.LAUNCH_RECORD).write_text(json.dumps(recorded))
-    before = (workdir / cli.LAUNCH_RECORD).read_text()
+    (workdir / rundir.CONFIG).write_text(json.dumps(recorded))
+    before = (workdir / rundir.CONFIG).read_text()
     with pytest.raises(SystemExit) as exit_info:
         launch([*TRAIN, "--config.train.lr=0.1", "--config.data.workers=1"], workdir)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1, lines
     assert "(train.lr: 0.05 -> 0.1)" in lines[0] and "data.workers" not in lines[0]
     assert "--accept_config_change" in lines[0]
-    assert sorted(p.name for p in workdir.iterdir()) == [cli.LAUNCH_RECORD]
-    assert (workdir / cli.LAUNCH_RECORD).read_text() == before
+    assert sorted(p.name for p in workdir.iterdir()) == [rundir.CONFIG]
+    assert (workdir / rundir.CONFIG).read_text() == before
     # accepted: the new config is the one to compare with from now on
     changed = cli.load_config("configs/train.py:test", [("train.lr", "0.1")])
     assert cli.check_relaunch(changed, str(workdir), accept_change=True)["train"]["lr"] == 0.1

@@ -78,12 +78,12 @@ def test_model_switch_on_the_imagenet_preset_passes_validation(capsys, tmp_path)
 
 
 def test_switched_model_trains(tmp_path):
-    from scaling import cli
+    from scaling import cli, rundir
 
     result = cli.main(["launch.py", *TEST, "--config.model.name=resnet20", "--config.data.image_size=16",
                        "--config.train.num_steps=2", "--workdir", str(tmp_path / "w")])
     assert result["status"] == "done" and result["step"] == 2 and result["model"] == "resnet20"
-    recorded = json.loads((tmp_path / "w" / cli.LAUNCH_RECORD).read_text())
+    recorded = json.loads((tmp_path / "w" / rundir.CONFIG).read_text())
     assert recorded["model"]["name"] == "resnet20" and recorded["data"]["image_size"] == 16
     assert "widen_factor" not in recorded["model"]
 
