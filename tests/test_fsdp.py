@@ -134,8 +134,9 @@ def _losses(workdir):
 
 
 def test_two_processes_fsdp_match_one_process(tmp_path):
-    """fsdp=8 spanning two processes of 4 devices trains as fsdp=8 in one process of 8."""
-    args = ["--config", "configs/train.py:test", "--config.mesh.fsdp=8",
+    """fsdp=8 spanning two processes of 4 devices trains as fsdp=8 in one process of 8, in 2
+    microbatches (on CPU driven from Python: every process runs the same calls)."""
+    args = ["--config", "configs/train.py:test", "--config.mesh.fsdp=8", "--config.train.grad_accum_steps=2",
             f"--config.sharding.fsdp_min_size={MIN_SIZE}", "--config.train.num_steps=8",
             "--config.train.log_every_steps=1", "--config.train.checkpoint_every_steps=4",
             "--config.train.lr=0.01"]

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -317,9 +318,9 @@ class _HostCompiled:
 
     def __call__(self, state, batch):
         grad_sum, stats, metrics = self.zeros(state.params), state.batch_stats, []
-        for i in range(self.k):
+        for i in range(self.k):  # i as a host scalar: the same value on every process
             grad_sum, stats, m = self.micro(state.params, stats, state.rng, state.step, grad_sum,
-                                            batch, jnp.int32(i))
+                                            batch, np.int32(i))
             metrics.append(m)
         return self.update(state, grad_sum, stats, metrics)
 
