@@ -411,6 +411,18 @@ def write_study(config: Any, workdir: str, rows: list[dict]) -> dict:
     return study
 
 
+def _winner_runs(rows: list[dict], x: str) -> list[tuple[str, str]]:
+    """The fits' winner at each budget (ascending), as consecutive runs of one strategy:
+    [(group, 'at 0.1' or 'from 0.1 to 0.4'), ...]."""
+    runs: list[list] = []
+    for row in rows:
+        if runs and runs[-1][0] == row["group"]:
+            runs[-1][2] = row[x]
+        else:
+            runs.append([row["group"], row[x], row[x]])
+    return [(g, f"at {lo:.4g}" if lo == hi else f"from {lo:.4g} to {hi:.4g}") for g, lo, hi in runs]
+
+
 def study_markdown(config: Any, study: dict, title: str) -> str:
     s = config.sweep
     metric, axes = study["metric"], list(s.axes.keys())
@@ -432,10 +444,10 @@ def study_markdown(config: Any, study: dict, title: str) -> str:
     else:
         lines.append("No point finished; nothing to conclude yet.")
     for x, rows in study["best_by_budget"].items():
-        winners = [row["group"] for row in rows]
-        lines += ["", f"Compute-optimal by the fits against {x}: " + ", ".join(
-            f"{row['group']} at {row[x]:.4g}" for row in rows) +
-            (f" (one strategy, {winners[0]}, wins at every budget)." if len(set(winners)) == 1 else ".")]
+        runs = _winner_runs(rows, x)
+        text = (f"{runs[0][0]} wins at every budget ({runs[0][1]})" if len(runs) == 1 else
+                "; ".join(f"{group} {span}" for group, span in runs))
+        lines += ["", f"Compute-optimal by the fits against {x}: {text}."]
     lines += ["", "## Points", ""]
     shown = sorted(points, key=lambda p: (p.get("mean") is None, -(p.get("mean") or 0)
                                           * (1 if study["mode"] == "max" else -1)))

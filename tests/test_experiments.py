@@ -231,3 +231,13 @@ def test_shipped_study_configs_validate(module, preset):
     with import_tfds().testing.mock_data(num_examples=20):
         c.data.download = True
         sweep.validate(c, 8)
+
+
+def test_compute_optimal_winners_are_told_as_runs_of_one_strategy():
+    from experiments.report import _winner_runs
+
+    rows = [{"gmacs": b, "group": g} for b, g in
+            [(0.1, "compound"), (0.2, "width"), (0.3, "width"), (0.4, "width"), (0.5, "compound")]]
+    assert _winner_runs(rows, "gmacs") == [("compound", "at 0.1"), ("width", "from 0.2 to 0.4"),
+                                           ("compound", "at 0.5")]
+    assert _winner_runs(rows[1:4], "gmacs") == [("width", "from 0.2 to 0.4")]
