@@ -5,7 +5,7 @@
 
 Presets:
   default   WRN-16-2-style net on the CIFAR-10 subset embedded in the package; CPU size
-            (about 8 minutes on 2 CPU cores, val top-1 above 0.6); evaluated every epoch,
+            (4-8 minutes on 2 CPU cores, val top-1 above 0.6); evaluated every epoch,
             which adds ~4 % (one eval of the 2,000 images costs ~3.7 train steps).
   cifar10   WRN-28-10 on TFDS cifar10 with the WRN paper's recipe (SGD Nesterov 0.9, lr 0.1,
             wd 5e-4, batch 128, 200 epochs, lr x0.2 at epochs 60/120/160, dropout 0.3).
