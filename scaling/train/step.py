@@ -96,13 +96,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
     the running averages are updated once per microbatch, k times a step."""
     rng = jax.random.fold_in(state.rng, state.step)
     trainable = plan.split(state.params)[0]
-    grad_fn = _grad_fn(state, model=model, label_smoothing=label_smoothing,
-                       compute_dtype=compute_dtype, plan=plan)
+    grad_fn = _grad_fn(state.params, state.batch_stats, model=model,
+                       label_smoothing=label_smoothing, compute_dtype=compute_dtype, plan=plan)
     if grad_accum_steps == 1:
         (_, (metrics, batch_stats)), grads = grad_fn(trainable, state.batch_stats, batch, rng)
     else:
         k = grad_accum_steps
-        micro = jax.tree.map(lambda x: _microbatches(x, k), batch)
+        micro = jax.tree.map(lambda x: _by_microbatch(x, k).swapaxes(0, 1), batch)  # [k, b / k, ...]
         if microbatch_sharding is not None:
             micro = jax.lax.with_sharding_constraint(micro, microbatch_sharding)
 
@@ -121,14 +121,15 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
     return _apply(state, grads, batch_stats, metrics, tx=tx, plan=plan)
 
 
-def _grad_fn(state: TrainState, *, model, label_smoothing: float, compute_dtype: Any,
+def _grad_fn(params, batch_stats, *, model, label_smoothing: float, compute_dtype: Any,
              plan: finetune.Plan) -> Callable:
     """(trainable, batch_stats, batch, rng) -> ((objective, (metrics, new batch_stats)), grads)
-    of one (micro)batch; `state` gives the frozen parameters and whether BN statistics exist."""
+    of one (micro)batch; `params` give the frozen parameters, `batch_stats` whether BatchNorm
+    statistics exist."""
     labels_key = label_key(model)
-    has_bn = bool(jax.tree.leaves(state.batch_stats))
+    has_bn = bool(jax.tree.leaves(batch_stats))
     update_bn = has_bn and plan.update_bn
-    frozen = plan.split(state.params)[1]
+    frozen = plan.split(params)[1]
 
     def loss_fn(trainable, batch_stats, batch, rng):
         variables = {"params": plan.merge(trainable, frozen)}
@@ -147,10 +148,10 @@ def _grad_fn(state: TrainState, *, model, label_smoothing: float, compute_dtype:
     return jax.value_and_grad(loss_fn, has_aux=True)
 
 
-def _microbatches(x: jax.Array, k: int) -> jax.Array:
-    """[batch, ...] -> [k, batch / k, ...], microbatch i = rows i, i + k, i + 2k, ... (a
-    device's rows stay on it when its share of the batch is a multiple of k)."""
-    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+def _by_microbatch(x: jax.Array, k: int) -> jax.Array:
+    """[batch, ...] -> [batch / k, k, ...]: microbatch i is [:, i], rows i, i + k, i + 2k, ...
+    (a device's rows stay on it when its share of the batch is a multiple of k)."""
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:])
 
 
 def _apply(state: TrainState, grads, batch_stats, metrics: dict, *, tx, plan: finetune.Plan):
@@ -251,12 +252,10 @@ class HostAccumulation:
             return jax.tree.map(jnp.zeros_like, plan.split(params)[0])
 
         def micro(params, batch_stats, rng, step, grad_sum, batch, i):
-            proto = TrainState(step=step, params=params, opt_state=None, batch_stats=batch_stats,
-                               rng=rng)
-            grad_fn = _grad_fn(proto, model=model, label_smoothing=label_smoothing,
+            grad_fn = _grad_fn(params, batch_stats, model=model, label_smoothing=label_smoothing,
                                compute_dtype=compute_dtype, plan=plan)
             mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(
-                x.reshape(x.shape[0] // k, k, *x.shape[1:]), i, axis=1, keepdims=False), batch)
+                _by_microbatch(x, k), i, axis=1, keepdims=False), batch)
             key = jax.random.fold_in(jax.random.fold_in(rng, step), i)
             (_, (metrics, batch_stats)), g = grad_fn(plan.split(params)[0], batch_stats, mb, key)
             return jax.tree.map(jnp.add, grad_sum, g), batch_stats, metrics
