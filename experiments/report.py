@@ -1,7 +1,7 @@
 """Tables and plots from a grid's results: accuracy vs GMACs with the Pareto front, heatmaps
 of 2-D grids, learning curves. PNG files go into the workdir.
 
-    python -m experiments.report WORKDIR [--x gmacs] [--heatmap l,k]
+    python -m experiments.report WORKDIR
 """
 from __future__ import annotations
 
@@ -510,13 +510,20 @@ def study_markdown(config: Any, study: dict, title: str) -> str:
 
 def main(argv=None) -> None:
     """Re-analyses a finished (or partly finished) sweep workdir: study.md, study.json, plots."""
-    from experiments import sweep
+    from experiments import transfer
+    from scaling import rundir
+    from scaling.cli import fail
 
     p = argparse.ArgumentParser(description="Analyse a sweep workdir: writes study.md, study.json "
                                 "and the plots.\n\n    python -m experiments.report WORKDIR")
     p.add_argument("workdir")
     a = p.parse_args(argv)
-    config = sweep.load_study_config(a.workdir)
+    config = rundir.read_config(a.workdir)
+    if config is None:
+        fail(f"{a.workdir}/config.json: not a sweep workdir (give the --workdir of a "
+             "launch.py sweep).")
+    if config.get("experiment") == "transfer":  # the launch config; its study is stage 2
+        config = transfer.study_config(config, a.workdir)
     rows = json.load(open(os.path.join(a.workdir, "results.json")))
     write_study(config, a.workdir, rows)
     print(os.path.join(a.workdir, "study.md"))

@@ -358,9 +358,9 @@ def _match_single_dimension(points: list[grid.Point], costs: dict, config: Any) 
 def control_cost(config: Any, points: list[grid.Point], workdir: str | None) -> list[grid.Point]:
     """Records each point's realized params / GMACs / shape next to its theoretical cost
     factor, marks points that duplicate an earlier network or miss `cost_tolerance` as
-    excluded (with the reason), and caches the figures in WORKDIR/points.json."""
+    excluded (with the reason), and caches the figures in WORKDIR/realized_cost.json."""
     s = config.sweep
-    cache_path = os.path.join(workdir, "points.json") if workdir else None
+    cache_path = os.path.join(workdir, "realized_cost.json") if workdir else None
     cache = (rundir.read_json(cache_path) if cache_path else None) or {}
     spec = str((s, config.model, config.data))  # what the figures depend on
     if cache.get("ids") == [p.id for p in points] and cache.get("spec") == spec:
@@ -409,7 +409,7 @@ def control_cost(config: Any, points: list[grid.Point], workdir: str | None) -> 
             "settings": {p.id: {"model.width": p.config.model.width, "model.depth": p.config.model.depth,
                                 "data.image_size": p.config.data.image_size}
                          if s.derive == "compound" else {} for p in points},
-            "values": {p.id: p.values for p in points},
+            "values": {p.id: list(p.values.items()) for p in points},  # in order: the columns
             "excluded": {p.id: p.excluded for p in points if p.excluded}})
     return points
 
@@ -466,7 +466,9 @@ def validate(config: Any, num_devices: int | None = None) -> None:
 
 
 def run(config: Any, workdir: str) -> dict:
-    save_study_config(config, workdir)
+    if rundir.read_config(workdir) is None:  # launch.py records it; a direct caller gets one too
+        os.makedirs(workdir, exist_ok=True)
+        rundir.write_config(workdir, config)
     points = study_points(config, workdir)
     trials = trials_of(config, points)
     rungs = {t.id: rung_steps(config, t) for t in trials}
@@ -486,15 +488,3 @@ def run(config: Any, workdir: str) -> dict:
             "best": best.get("point"), "best_mean": best.get("mean"),
             "study": os.path.join(workdir, "study.md")}
 
-
-def load_study_config(workdir: str) -> Any:
-    """The config a finished sweep ran with (WORKDIR/config.json)."""
-    data = rundir.read_json(os.path.join(workdir, "config.json"))
-    if data is None:
-        raise FileNotFoundError(f"{workdir}/config.json: not a sweep workdir (run launch.py first).")
-    return ml_collections.ConfigDict(data)
-
-
-def save_study_config(config: Any, workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    rundir.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))

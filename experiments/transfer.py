@@ -94,7 +94,7 @@ def run_pretraining(config: Any, workdir: str) -> tuple[str, dict]:
     import jax
 
     from scaling import weights
-    from scaling.train import fit
+    from scaling.train import fit, load_run
 
     cfg = pretrain_config(config)
     pdir = os.path.join(workdir, "pretrain")
@@ -103,7 +103,8 @@ def run_pretraining(config: Any, workdir: str) -> tuple[str, dict]:
         result = fit(cfg, pdir)
     path = export_path(workdir)
     if jax.process_index() == 0 and not os.path.exists(path):
-        model, variables = final_variables(cfg, pdir)
+        _, run, variables = load_run(pdir)
+        model = run.model
         weights.save(path, model, variables, metadata={
             "model": cfg.model.name, "fields": json.dumps(cfg.model.to_dict()),
             "classes": json.dumps(list(cfg.data.classes)), "val_top1": str(result.get("val_top1"))})
@@ -115,12 +116,11 @@ def run_pretraining(config: Any, workdir: str) -> tuple[str, dict]:
     return path, result
 
 
-def final_variables(config: Any, run_dir: str) -> tuple[Any, dict]:
-    """(model, {'params', 'batch_stats'}) of the newest checkpoint of a `fit` run."""
-    from scaling.train import prepare, restore
-
-    run = prepare(config)
-    return run.model, restore(config, run_dir, run=run)
+def study_config(config: Any, workdir: str) -> Any:
+    """The stage-2 sweep of a transfer workdir from the config it was launched with (its
+    config.json), for `python -m experiments.report WORKDIR`."""
+    enabled = config.transfer.pretrain.enabled
+    return sweep_config(config, export_path(workdir) if enabled else config.init.path)
 
 
 def run(config: Any, workdir: str) -> dict:

@@ -46,6 +46,10 @@ def test_sweep_records_done_diverged_infeasible(tmp_path):
     (tmp_path / "study.md").unlink()
     report.main([str(tmp_path)])
     assert (tmp_path / "study.md").read_text() == study
+    # relaunching the finished sweep runs nothing and rewrites the same tables
+    results = (tmp_path / "results.csv").read_text()
+    assert sweep.run(c, str(tmp_path)) == out
+    assert (tmp_path / "results.csv").read_text() == results
 
 
 def test_sweep_validation_names_the_point_and_field():

@@ -11,11 +11,11 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from configs import train as train_config
 from configs import transfer as transfer_config
-from experiments import sweep, transfer
-from scaling import parallel, weights
+from experiments import report, sweep, transfer
+from scaling import cli, parallel, weights
 from scaling.models import create_model
 from scaling.models.vit import VisionTransformer, resize_pos_embed
-from scaling.train import finetune, validate_config
+from scaling.train import finetune, load_run, validate_config
 from scaling.train.state import create_state, init_variables
 from scaling.train.step import cross_entropy, make_train_step
 from tests.helpers import FAST_COMPILE
@@ -190,8 +190,9 @@ def test_transfer_experiment_end_to_end(tmp_path):
     step is tested above; each trial costs two compiles)."""
     c = transfer_config.get_config("test")
     c.transfer.modes = ("scratch", "linear_probe")
-    transfer.validate(c, 8)
-    out = transfer.run(c, str(tmp_path))
+    launch = ["launch.py", "--config", "configs/transfer.py:test",
+              "--config.transfer.modes=('scratch', 'linear_probe')", "--workdir", str(tmp_path)]
+    out = cli.main(launch)
     assert set(out["val_top1"]) == {"modescratch", "modelinear_probe"}
     text = (tmp_path / "transfer.txt").read_text()
     assert "linear_probe" in text and "source: (0, 1), val top-1" in text
@@ -203,9 +204,19 @@ def test_transfer_experiment_end_to_end(tmp_path):
     trial = sweep.trials_of(cfg, sweep.build_points(cfg))[1]
     assert trial.id == "modelinear_probe" and trial.config.init.mode == "linear_probe"
     assert "Best: **mode" in (tmp_path / "study.md").read_text()
-    model, trained = transfer.final_variables(trial.config, str(tmp_path / "trials" / trial.id))
+    _, run, trained = load_run(str(tmp_path / "trials" / trial.id))
+    model = run.model
     pretrained = weights.load(model, exported, new_head=True, image_size=SIZE)
     for col in ("params", "batch_stats"):
         a, b = flatten_dict(trained[col]), flatten_dict(pretrained[col])
         assert all(np.array_equal(a[k], b[k]) for k in a if k[0] != "fc") and len(a) == len(b)
     assert not np.array_equal(trained["params"]["fc"]["kernel"], pretrained["params"]["fc"]["kernel"])
+    # A relaunch (after a preemption, say) resumes the same study: the recorded config is
+    # the launch's, and nothing finished runs again.
+    results, study = (tmp_path / "results.csv").read_text(), (tmp_path / "study.md").read_text()
+    again = cli.main(launch)
+    assert again["val_top1"] == out["val_top1"] and (tmp_path / "results.csv").read_text() == results
+    # The study can be re-analysed from the workdir alone.
+    (tmp_path / "study.md").unlink()
+    report.main([str(tmp_path)])
+    assert (tmp_path / "study.md").read_text() == study
