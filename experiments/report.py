@@ -509,8 +509,9 @@ def study_markdown(config: Any, study: dict, title: str) -> str:
 
 
 def main(argv=None) -> None:
-    """Re-analyses a finished (or partly finished) sweep workdir: study.md, study.json, plots."""
-    from experiments import transfer
+    """Re-analyses a finished or partly finished sweep workdir: results.csv/json, study.md,
+    study.json and the plots."""
+    from experiments import grid, sweep, transfer
     from scaling import rundir
     from scaling.cli import fail
 
@@ -524,7 +525,9 @@ def main(argv=None) -> None:
              "launch.py sweep).")
     if config.get("experiment") == "transfer":  # the launch config; its study is stage 2
         config = transfer.study_config(config, a.workdir)
-    rows = json.load(open(os.path.join(a.workdir, "results.json")))
+    # the trials' states as they are on disk: a sweep stopped half-way is analysed too
+    rows = grid.collect_rows(a.workdir, sweep.trials_of(config, sweep.study_points(config, a.workdir)))
+    grid.write_results(a.workdir, rows)
     write_study(config, a.workdir, rows)
     print(os.path.join(a.workdir, "study.md"))
 

@@ -2,6 +2,7 @@
 over-budget trial), the sweep schema (combine, constraint, derive, seeds), realized-cost
 control, the shipped study configs and the study report."""
 import csv
+import shutil
 
 import ml_collections
 import pytest
@@ -50,6 +51,15 @@ def test_sweep_records_done_diverged_infeasible(tmp_path):
     results = (tmp_path / "results.csv").read_text()
     assert sweep.run(c, str(tmp_path)) == out
     assert (tmp_path / "results.csv").read_text() == results
+    # a sweep stopped half-way (a trial not started yet, no results.json) is analysed too
+    shutil.rmtree(tmp_path / "trials" / "k1-lr0.1")
+    (tmp_path / "results.json").unlink()
+    report.main([str(tmp_path)])
+    with open(tmp_path / "results.csv") as f:
+        status = {r["trial"]: r["status"] for r in csv.DictReader(f)}
+    assert status == {"k1-lr0.1": "pending", "k1-lr1e+06": "diverged", "k4-lr0.1": "infeasible",
+                      "k4-lr1e+06": "infeasible"}
+    assert "No point finished; nothing to conclude yet." in (tmp_path / "study.md").read_text()
 
 
 def test_sweep_validation_names_the_point_and_field():
