@@ -452,7 +452,8 @@ def study_markdown(config: Any, study: dict, title: str) -> str:
     shown = sorted(points, key=lambda p: (p.get("mean") is None, -(p.get("mean") or 0)
                                           * (1 if study["mode"] == "max" else -1)))
     cols = ["point", *[a for a in axes if a != "seed"],
-            *[c for c in POINT_COLUMNS if any(p.get(c) is not None for p in points) and c not in axes],
+            *[c for c in (*POINT_COLUMNS, *s.report.columns)
+              if any(p.get(c) is not None for p in points) and c not in axes],
             "status", "rung", "seeds"]
     lines.append(md_table([{**p, metric: _interval(p)} for p in shown], cols + [metric]))
     excluded = [p for p in points if p.get("reason")]

@@ -173,7 +173,8 @@ class Comparison:
                                            (runner_name, self.n_runner_up)) if n < 2]
             who = " and ".join(single)
             return (f"{best_name} vs {runner_name}: a margin of {margin:+.{digits}f} {metric} "
-                    f"cannot be judged (no {pct} interval, {who} has a single seed); more seeds "
+                    f"cannot be judged (no {pct} interval: {who} "
+                    f"{'have' if len(single) > 1 else 'has'} a single seed); more seeds "
                     f"are needed, at least 2 on each side, to tell it from the seed-to-seed noise.")
         lo, hi = sorted((sign * self.ci_low, sign * self.ci_high))
         if margin >= 0:
