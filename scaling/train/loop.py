@@ -342,6 +342,7 @@ def _train_loop(s: _Session, on_log: Callable[[int, dict], None] | None) -> bool
                 seen_since_log += batch
                 bar.update(1)
                 if step % log_every == 0 or step == total_steps:
+                    jax.block_until_ready(m)  # the window's steps ran: time them, not their dispatch
                     now = time.perf_counter()
                     ips = seen_since_log / max(now - t_log, 1e-9)
                     s.step_times.append((now - t_log) / max(seen_since_log / batch, 1))
@@ -351,6 +352,7 @@ def _train_loop(s: _Session, on_log: Callable[[int, dict], None] | None) -> bool
                     if on_log:
                         on_log(step, scal)
                 if s.eval_every and step % s.eval_every == 0 and step != s.stop:
+                    jax.block_until_ready(s.state)  # queued train steps count as training
                     t_eval = time.perf_counter()
                     _evaluate(s, step)
                     t_log += time.perf_counter() - t_eval  # eval time is not training throughput
