@@ -246,36 +246,17 @@ def preflight(config: Any, memory_limit_mb: float = 0.0) -> dict:
     device's, whichever is smaller: a step over it is first split into more microbatches
     (train.auto_accumulate, `scaling.train.memory`); `grad_accum_steps` records the split
     that fits, and the peak is the one of that split. One that cannot fit raises ValueError."""
-    import jax
-    import jax.numpy as jnp
-
     from scaling import parallel, profile
     from scaling.train import memory, prepare
 
     mesh = parallel.mesh_from_config(config)
-    device, device_source = memory.device_memory(config)
-    limit, source = device, device_source
-    if memory_limit_mb and (device is None or memory_limit_mb * 1e6 < device):
-        limit, source = int(memory_limit_mb * 1e6), f"grid.max_memory_mb={memory_limit_mb:g}"
     config = copy.deepcopy(config)
-    need = None
-    if limit:
-        config.train.grad_accum_steps, need = memory.plan_train(config, mesh, limit, source)
-    if device:  # the study's budget is about training; evaluation only has to fit the device
-        config.train.eval_batch_size, _ = memory.plan_eval(
-            config, mesh, *memory.eval_limit(device, device_source, config, mesh), need)
+    budget = (int(memory_limit_mb * 1e6), f"grid.max_memory_mb={memory_limit_mb:g}")
+    memory.fit_to_memory(config, mesh, budget if memory_limit_mb else None)
     run = prepare(config, mesh)
-    size = config.data.image_size
-    x1 = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    variables = {"params": run.state_spec.params}
-    if jax.tree.leaves(run.state_spec.batch_stats):
-        variables["batch_stats"] = run.state_spec.batch_stats
-    macs = profile.count_macs(lambda v, x: run.model.apply(v, x, train=False), variables, x1)
-    mem = profile.compiled_memory(run.compile())
-    count = lambda t: int(sum(math.prod(x.shape) for x in jax.tree.leaves(t)))  # noqa: E731
-    return {"params": count(run.state_spec.params), "batch_stats": count(run.state_spec.batch_stats),
-            "gmacs": macs / 1e9, "peak_memory_mb": mem.get("peak_bytes", 0) / 1e6,
-            "grad_accum_steps": int(config.train.grad_accum_steps),
+    peak = profile.compiled_memory(run.compile()).get("peak_bytes", 0)
+    return {**profile.model_stats(run.model, int(config.data.image_size)),
+            "peak_memory_mb": peak / 1e6, "grad_accum_steps": int(config.train.grad_accum_steps),
             "eval_batch_size": int(config.train.eval_batch_size)}
 
 

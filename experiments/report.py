@@ -18,12 +18,14 @@ import numpy as np  # noqa: E402
 
 
 def _save(fig, ax, path: str, *, legend_outside: bool = False) -> str:
-    """Grid, legend and layout shared by the line plots; writes the PNG and frees the figure."""
-    ax.grid(alpha=0.3)
-    if legend_outside:  # many entries: beside the axes, never over the data
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    else:
-        ax.legend(fontsize=7)
+    """Writes the PNG and frees the figure; a line plot's axes (`ax`, None for a heatmap) get
+    the grid and legend the plots share."""
+    if ax is not None:
+        ax.grid(alpha=0.3)
+        if legend_outside:  # many entries: beside the axes, never over the data
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        else:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -58,13 +60,11 @@ def plot_heatmap(rows: list[dict], path: str, *, row_axis: str, col_axis: str,
     for i in range(len(rv)):
         for j in range(len(cv)):
             if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=ax, label=value)
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=9,
+                        color="black" if im.norm(grid[i, j]) > 0.6 else "white")  # viridis is light at the top
+    fig.colorbar(im, ax=ax, label=f"{value}, mean over seeds")
     ax.set_title(title or f"{value} by {row_axis} x {col_axis}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, None, path)
 
 
 def learning_curves(run_dirs: dict[str, str], path: str, *, metric: str = "train/loss",
@@ -90,12 +90,16 @@ def learning_curves(run_dirs: dict[str, str], path: str, *, metric: str = "train
     return _save(fig, ax, path)
 
 
-def format_table(rows: list[dict], columns: Sequence[str]) -> str:
+def format_table(rows: list[dict], columns: Sequence[str], *, markdown: bool = False) -> str:
+    """`rows` as a table of `columns`: aligned plain text, or Markdown."""
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
-        return "" if v is None else str(v)
+        return "" if v is None else str(v).replace("|", "/") if markdown else str(v)
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    if markdown:
+        return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                         + ["| " + " | ".join(row) + " |" for row in cells])
     widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in cells]
@@ -321,13 +325,7 @@ def plot_rungs(table: list[dict], path: str, metric: str) -> str | None:
 
 
 def md_table(rows: list[dict], columns: Sequence[str]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v).replace("|", "/")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return format_table(rows, columns, markdown=True)
 
 
 def _interval(p: dict) -> str:

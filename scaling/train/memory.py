@@ -215,25 +215,32 @@ def eval_limit(limit: int, source: str, config: Any, mesh) -> tuple[int, str]:
     return limit - kept, f"{source}, less the train step's working {_bytes(kept)}"
 
 
-def plan_memory(config: Any, mesh=None) -> MemoryPlan:
-    """`plan_train` and `plan_eval` under the device's memory (`device_memory`); the config's
-    own values when that is unknown."""
+def plan_memory(config: Any, mesh=None, budget: tuple[int, str] | None = None) -> MemoryPlan:
+    """`plan_train` and `plan_eval` under the device's memory (`device_memory`). A `budget`
+    ((bytes, where it comes from), e.g. a study's grid.max_memory_mb) caps the train step's
+    memory when it is the smaller; evaluation only has to fit the device. Where neither is
+    known, the config's own values."""
     mesh = mesh or parallel.mesh_from_config(config)
-    limit, source = device_memory(config)
-    if not limit:
-        return MemoryPlan(int(config.train.get("grad_accum_steps", 1)),
-                          int(config.train.eval_batch_size), None, None, None, "")
-    k, train_need = plan_train(config, mesh, limit, source)
-    config = _with(config, grad_accum_steps=k)
-    e, eval_need = plan_eval(config, mesh, *eval_limit(limit, source, config, mesh), train_need)
+    device, device_source = device_memory(config)
+    limit, source = device, device_source
+    if budget and (device is None or budget[0] < device):
+        limit, source = budget
+    k, e = int(config.train.get("grad_accum_steps", 1)), int(config.train.eval_batch_size)
+    train_need = eval_need = None
+    if limit:
+        k, train_need = plan_train(config, mesh, limit, source)
+        config = _with(config, grad_accum_steps=k)
+    if device:
+        e, eval_need = plan_eval(config, mesh, *eval_limit(device, device_source, config, mesh),
+                                 train_need)
     return MemoryPlan(k, e, train_need, eval_need, limit, source)
 
 
-def fit_to_memory(config: Any, mesh=None) -> MemoryPlan:
-    """Plans `config`'s batches for the device memory and writes the choice into it
-    (`train.grad_accum_steps`, `train.eval_batch_size`), so that the run directory records
-    the split it trained with and a resume uses the same one."""
-    plan = plan_memory(config, mesh)
+def fit_to_memory(config: Any, mesh=None, budget: tuple[int, str] | None = None) -> MemoryPlan:
+    """Plans `config`'s batches for the device memory (and `budget`, see `plan_memory`) and
+    writes the choice into it (`train.grad_accum_steps`, `train.eval_batch_size`), so that
+    the run directory records the split it trained with and a resume uses the same one."""
+    plan = plan_memory(config, mesh, budget)
     config.train.grad_accum_steps = plan.grad_accum_steps
     config.train.eval_batch_size = plan.eval_batch_size
     return plan
