@@ -296,9 +296,10 @@ def plot_study(points: list[dict], fits: dict, path: str, *, x: str, metric: str
         ax.plot([f[x] for f in front], [f[metric] for f in front], "k--", lw=0.8,
                 label="frontier (best at each cost)")
     ax.set_xscale("log")
-    if is_acc:  # a 2-seed t interval can reach past [0, 1]; the axis shows what is possible
-        lo_y, hi_y = ax.get_ylim()
-        ax.set_ylim(max(lo_y, 0.0), min(hi_y, 1.0))
+    if is_acc:  # a 2-seed t interval can reach past [0, 1]; the axis shows what is possible,
+        # and at least 0.05 of it (points that all tie would get an axis of 1e-12)
+        mid, half = np.mean(ax.get_ylim()), max(np.ptp(ax.get_ylim()), 0.05) / 2
+        ax.set_ylim(max(mid - half, 0.0), min(mid + half, 1.0))
     ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_ylabel({"val_top1": "validation top-1 (fraction)", "val_top5": "validation top-5 "
                    "(fraction)", "val_loss": "validation loss"}.get(metric, metric))
