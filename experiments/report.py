@@ -526,7 +526,8 @@ def main(argv=None) -> None:
     if config.get("experiment") == "transfer":  # the launch config; its study is stage 2
         config = transfer.study_config(config, a.workdir)
     # the trials' states as they are on disk: a sweep stopped half-way is analysed too
-    rows = grid.collect_rows(a.workdir, sweep.trials_of(config, sweep.study_points(config, a.workdir)))
+    rows = grid.collect_rows(a.workdir, sweep.trials_of(config, sweep.study_points(config, a.workdir),
+                                                         a.workdir))
     grid.write_results(a.workdir, rows)
     write_study(config, a.workdir, rows)
     print(os.path.join(a.workdir, "study.md"))

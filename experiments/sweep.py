@@ -418,8 +418,10 @@ def study_points(config: Any, workdir: str | None = None) -> list[grid.Point]:
     return control_cost(config, build_points(config), workdir)
 
 
-def trials_of(config: Any, points: list[grid.Point]) -> list[grid.Trial]:
-    """One trial per (point, seed); a single seed keeps the point's id."""
+def trials_of(config: Any, points: list[grid.Point], workdir: str | None = None) -> list[grid.Trial]:
+    """One trial per (point, seed): `<point>-seed<i>`, or the point's id for a single seed.
+    A study relaunched with more seeds keeps its single-seed trials as seed 0 (those found
+    in WORKDIR/trials), so only the new seeds train."""
     n = int(config.sweep.seeds)
     axes = list(config.sweep.axes.keys())
     trials = []
@@ -427,7 +429,9 @@ def trials_of(config: Any, points: list[grid.Point]) -> list[grid.Trial]:
         for i in range(n):
             cfg = copy.deepcopy(p.config)
             cfg.seed = int(config.seed) + i
-            tid = p.id if n == 1 else f"{p.id}-seed{i}"
+            recorded = rundir.read_config(os.path.join(workdir, "trials", p.id)) if workdir and i == 0 else None
+            single = recorded is not None and recorded.get("seed") == cfg.seed
+            tid = p.id if n == 1 or single else f"{p.id}-seed{i}"
             hparams = {**{a: p.values[a] for a in axes if a in p.values}, "seed": cfg.seed}
             trials.append(grid.Trial(tid, {**p.values, "seed": cfg.seed}, cfg, point=p.id,
                                      excluded=p.excluded, hparams=hparams))
@@ -470,7 +474,7 @@ def run(config: Any, workdir: str) -> dict:
         os.makedirs(workdir, exist_ok=True)
         rundir.write_config(workdir, config)
     points = study_points(config, workdir)
-    trials = trials_of(config, points)
+    trials = trials_of(config, points, workdir)
     rungs = {t.id: rung_steps(config, t) for t in trials}
     rows = grid.run_study(trials, workdir, config.grid, rungs=rungs,
                           eta=int(config.sweep.halving.eta), metric=config.sweep.report.metric,

@@ -25,6 +25,22 @@ def tiny_sweep_config():
     return c
 
 
+def test_more_seeds_train_only_the_new_seeds(tmp_path):
+    """A single-seed study relaunched with two seeds keeps its trial as seed 0."""
+    c = tiny_sweep_config()
+    c.sweep.axes = ml_collections.ConfigDict(dict(lr=(0.1,), k=(1,)))
+    sweep.run(c, str(tmp_path))
+    first = (tmp_path / "trials" / "k1-lr0.1" / "result.json").read_text()
+    c.sweep.seeds = 2
+    out = sweep.run(c, str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "trials").iterdir()) == ["k1-lr0.1", "k1-lr0.1-seed1"]
+    assert (tmp_path / "trials" / "k1-lr0.1" / "result.json").read_text() == first
+    with open(tmp_path / "results.csv") as f:
+        assert [(r["trial"], r["seed"]) for r in csv.DictReader(f)] == [("k1-lr0.1", "0"),
+                                                                       ("k1-lr0.1-seed1", "1")]
+    assert out["trials"] == 2 and out["done"] == 2
+
+
 def test_sweep_records_done_diverged_infeasible(tmp_path):
     c = tiny_sweep_config()
     c.grid.max_gmacs = 0.005  # k=4 (0.042 GMACs at 16 px) is over budget, k=1 is not
