@@ -359,18 +359,17 @@ def config_changes(saved: dict, config: dict) -> list[str]:
             if p not in RUNTIME_FIELDS and old.get(p, absent) != new.get(p, absent)]
 
 
-def check_relaunch(config: Any, workdir: str, accept_change: bool) -> dict | None:
-    """Compares `config` with the one `workdir` was started with. Returns the config record
-    to write (None: the recorded one is current). Raises ValueError listing the differing
-    fields when they differ and `accept_change` is False. A workdir without a record (a
-    new one, or one started before records existed) takes this config."""
-    current = json.loads(config.to_json_best_effort())
+def check_relaunch(config: Any, workdir: str, accept_change: bool) -> bool:
+    """Compares `config` with the one `workdir` was started with. Returns whether `config`
+    is to be recorded: a workdir without a record (a new one, or one started before records
+    existed), or an accepted change. Raises ValueError listing the differing fields when they
+    differ and `accept_change` is False."""
     saved = rundir.read_json(os.path.join(workdir, rundir.CONFIG))
     if saved is None:
-        return current
-    changes = config_changes(saved, current)
+        return True
+    changes = config_changes(saved, json.loads(config.to_json_best_effort()))
     if not changes:
-        return None
+        return False
     shown = "; ".join(changes[:_MAX_SHOWN])
     more = f"; and {len(changes) - _MAX_SHOWN} more" if len(changes) > _MAX_SHOWN else ""
     if not accept_change:
@@ -380,7 +379,7 @@ def check_relaunch(config: Any, workdir: str, accept_change: bool) -> dict | Non
             "recorded config, use a new --workdir, or pass --accept_config_change.")
     log.warning("--accept_config_change: continuing %s with a changed config: %s%s",
                 workdir, shown, more)
-    return current
+    return True
 
 
 # --------------------------------------------------------------------------- launch
@@ -416,8 +415,8 @@ def launch(config: Any, workdir: str, *, coordinator_address: str | None = None,
         fail(e)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        if record is not None:
-            rundir.write_json_atomic(os.path.join(workdir, rundir.CONFIG), record)
+        if record:
+            rundir.write_config(workdir, config)
     log.info("%s on %d device(s) x %d process(es) -> %s", config.get("experiment", "train"),
              jax.device_count(), jax.process_count(), workdir)
     try:
