@@ -111,10 +111,6 @@ POINT_COLUMNS = ("width", "depth", "resolution", "cost_factor_theory", "cost_fac
                  "depth_realized", "width_realized", "resolution_realized", "params", "gmacs")
 X_LABELS = {"gmacs": "GMACs per image (log scale)", "params": "parameters (log scale)",
             "train_pflop": "training compute, PFLOP (log scale)"}
-PER_TRIAL = {"trial", "seed", "status", "rung", "step", "reason", "val_top1", "val_top5",
-             "val_loss", "train_loss", "train_top1", "step_time_s", "train_time_s",
-             "peak_memory_mb", "size_mb", "objective", "train_pflop", "epochs", "val_examples",
-             "batch_stats", "model", "num_devices"}
 
 
 def _num(v: Any) -> float | None:
