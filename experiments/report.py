@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from typing import Any, Callable, Sequence
 
@@ -15,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def _save(fig, ax, path: str, *, legend_outside: bool = False) -> str:
@@ -354,7 +357,7 @@ def write_study(config: Any, workdir: str, rows: list[dict]) -> dict:
                     key=lambda p: -sign * p[rank_key])
     table = rundir.read_json(os.path.join(workdir, "rungs.json")) or []
     agreement = rung_agreement(table, metric, float(s.halving.min_tau)) if table else []
-    shared = sweep_lib.make_constraint(r.shared) if r.get("shared") else None
+    shared = sweep_lib.make_constraint(r.shared, "sweep.report.shared") if r.get("shared") else None
     fits = scaling_fits(points, rows, metric, mode, [x for x in r.x if any(_num(p.get(x)) for p in points)],
                         r.group, shared)
     study = {"metric": metric, "mode": mode, "select": r.select, "seeds": int(s.seeds),
@@ -388,6 +391,16 @@ def write_study(config: Any, workdir: str, rows: list[dict]) -> dict:
     for curve in r.curves:
         plots.append(learning_curves(first, os.path.join(workdir, f"curves_{curve.replace('/', '_')}.png"),
                                      metric=curve, title=f"{title}: {curve} (first seed)"))
+        if plots[-1] is None and any(row.get("status") == "done" for row in rows):
+            logged = set()
+            for d in first.values():
+                path = os.path.join(d, "metrics.jsonl")
+                logged |= {k for line in open(path) for k in json.loads(line)} if os.path.exists(path) else set()
+            log.warning("sweep.report.curves: no trial logged %r; the trials log %s", curve,
+                        ", ".join(sorted(logged - {"step"})))
+    missing = [c for c in r.columns if all(row.get(c) in (None, "") for row in rows)]
+    if missing and any(row.get("status") == "done" for row in rows):
+        log.warning("sweep.report.columns: no trial has %s", ", ".join(map(repr, missing)))
     if len({row["rung"] for row in table}) > 1:
         plots.append(plot_rungs(table, os.path.join(workdir, "rungs.png"), r.metric))
     cells = [{*(p.get(a) for p in ranked)} for a in r.heatmap]

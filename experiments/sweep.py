@@ -49,6 +49,9 @@ placeholder = ml_collections.config_dict.placeholder
 
 _SAFE = {"abs": abs, "min": min, "max": max, "round": round, "math": math}
 SCALINGS = ("compound", "depth", "width", "resolution")
+METRICS = {"val_top1": "max", "val_top5": "max", "val_loss": "min",  # metric -> better when
+           "train_top1": "max", "train_loss": "min"}
+COSTS = ("gmacs", "params", "train_pflop")  # what every trial's cost is measured in
 
 
 def default_sweep_config() -> ml_collections.ConfigDict:
@@ -134,19 +137,19 @@ def combine_points(axes: dict[str, tuple], combine: str) -> list[dict]:
     return [dict(sorted(p.items(), key=lambda kv: names.index(kv[0]))) for p in points]
 
 
-def make_constraint(expr: str) -> Callable[[dict], bool] | None:
+def make_constraint(expr: str, field: str = "sweep.constraint") -> Callable[[dict], bool] | None:
     if not expr:
         return None
     try:
-        code = compile(expr, "sweep.constraint", "eval")
+        code = compile(expr, field, "eval")
     except SyntaxError as e:
-        raise ValueError(f"sweep.constraint: {expr!r} is not a Python expression ({e.msg}).") from None
+        raise ValueError(f"{field}: {expr!r} is not a Python expression ({e.msg}).") from None
 
     def check(point: dict) -> bool:
         try:
             return bool(eval(code, {"__builtins__": {}}, {**_SAFE, **point}))  # noqa: S307
         except NameError as e:
-            raise ValueError(f"sweep.constraint: {e}; the axes are {', '.join(point)}.") from None
+            raise ValueError(f"{field}: {e}; the names are {', '.join(point)}.") from None
     return check
 
 
@@ -461,12 +464,41 @@ def validate(config: Any, num_devices: int | None = None) -> None:
     if h.rungs and (int(h.eta) < 2 or list(h.rungs) != sorted(h.rungs) or min(h.rungs) <= 0):
         raise ValueError(f"sweep.halving: rungs {tuple(h.rungs)} must be positive and rising and "
                          f"eta={h.eta} at least 2.")
-    r = s.report
-    if r.mode not in ("max", "min") or r.select not in ("metric", "objective"):
-        raise ValueError(f"sweep.report: mode must be max or min (got {r.mode!r}), select metric "
-                         f"or objective (got {r.select!r}).")
-    trials = trials_of(config, build_points(config))
-    grid.validate_trials(config.grid, trials, num_devices, "point {id}")
+    points = build_points(config)
+    validate_report(config, points)
+    grid.validate_trials(config.grid, trials_of(config, points), num_devices, "point {id}")
+
+
+def validate_report(config: Any, points: list[grid.Point]) -> None:
+    """The report spec against what the study records, before anything trains: a misspelt
+    metric would otherwise rank every halving rung by a value no trial has (and prune them
+    all), a misspelt column leave a plot or fit out at the end."""
+    r = config.sweep.report
+    if r.metric not in METRICS:
+        raise ValueError(f"sweep.report.metric={r.metric!r}: unknown; use one of "
+                         f"{', '.join(METRICS)} (what every trial records).")
+    if r.mode != METRICS[r.metric]:
+        raise ValueError(f"sweep.report.mode={r.mode!r}: {r.metric} is better when "
+                         f"{'higher' if METRICS[r.metric] == 'max' else 'lower'}; use "
+                         f"--config.sweep.report.mode={METRICS[r.metric]}.")
+    if r.select not in ("metric", "objective"):
+        raise ValueError(f"sweep.report.select={r.select!r}: use metric or objective.")
+    columns = {k for p in points for k in p.values} | set(COSTS) | (
+        {"cost_factor", "depth_realized", "width_realized", "resolution_realized"}  # control_cost
+        if config.sweep.derive == "compound" else set())
+    named = {"x": tuple(r.x), "group": (r.group,) if r.group else (), "heatmap": tuple(r.heatmap),
+             "label": (r.label,) if r.label != "point" else ()}
+    for field, names in named.items():
+        unknown = [n for n in names if n not in columns]
+        if unknown:
+            raise ValueError(f"sweep.report.{field}: {unknown[0]!r} is not a column of this study; "
+                             f"use one of {', '.join(sorted(columns))}.")
+    if len(r.heatmap) not in (0, 2):
+        raise ValueError(f"sweep.report.heatmap={tuple(r.heatmap)}: give two axes, e.g. "
+                         "('l', 'k'), or () for none.")
+    shared = make_constraint(r.shared, "sweep.report.shared")
+    for p in points if shared else ():
+        shared(p.values)
 
 
 def run(config: Any, workdir: str) -> dict:

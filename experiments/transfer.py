@@ -82,7 +82,9 @@ def validate(config: Any, num_devices: int | None = None) -> None:
                          "transfer.pretrain to train them here first.")
     # With stage 1 the weights do not exist yet: check everything else of the trials now.
     cfg = sweep_config(config, "" if pretrain else config.init.path)
-    trials = sweep.trials_of(cfg, sweep.build_points(cfg))
+    points = sweep.build_points(cfg)
+    sweep.validate_report(cfg, points)
+    trials = sweep.trials_of(cfg, points)
     if pretrain:
         for t in trials:
             t.config.init.update(mode="scratch", path="")

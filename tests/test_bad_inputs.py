@@ -182,6 +182,18 @@ def test_workdir_is_a_file(capsys, tmp_path):
      "sweep.constraint: 'depth = 10' is not a Python expression"),
     (["--config", "configs/wrn_grid.py", "--config.grid.num_workers=2", "--config.grid.worker=2"],
      "grid.worker=2 must be in [0, grid.num_workers=2)"),
+    # the report spec: a misspelt metric would rank (and prune) by a value no trial has
+    (["--config", "configs/wrn_grid.py", "--config.sweep.report.metric=val_acc"],
+     "sweep.report.metric='val_acc': unknown; use one of val_top1, val_top5, val_loss"),
+    (["--config", "configs/wrn_grid.py", "--config.sweep.report.metric=val_loss"],
+     "sweep.report.mode='max': val_loss is better when lower; use --config.sweep.report.mode=min"),
+    (["--config", "configs/wrn_grid.py", "--config.sweep.report.x=('flops',)"],
+     "sweep.report.x: 'flops' is not a column of this study; use one of depth, dropout, gmacs, k, l, "
+     "params, train_pflop."),
+    (["--config", "configs/efficientnet_family.py", "--config.sweep.report.shared=phi = 0"],
+     "sweep.report.shared: 'phi = 0' is not a Python expression"),
+    (["--config", "configs/transfer.py:test", "--config.sweep.report.metric=top1"],
+     "sweep.report.metric='top1': unknown"),
 ])
 def test_grid_errors(capsys, tmp_path, argv, message):
     assert_clean_error(capsys, tmp_path / "w", argv, message)

@@ -2,6 +2,7 @@
 over-budget trial), the sweep schema (combine, constraint, derive, seeds), realized-cost
 control, the shipped study configs and the study report."""
 import csv
+import logging
 import shutil
 
 import ml_collections
@@ -41,11 +42,16 @@ def test_more_seeds_train_only_the_new_seeds(tmp_path):
     assert out["trials"] == 2 and out["done"] == 2
 
 
-def test_sweep_records_done_diverged_infeasible(tmp_path):
+def test_sweep_records_done_diverged_infeasible(tmp_path, caplog):
     c = tiny_sweep_config()
     c.grid.max_gmacs = 0.005  # k=4 (0.042 GMACs at 16 px) is over budget, k=1 is not
+    c.sweep.report.update(curves=("eval/top1", "eval/acc"), columns=("size_mb", "sizemb"))
     sweep.validate(c, 8)
-    out = sweep.run(c, str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="experiments.report"):
+        out = sweep.run(c, str(tmp_path))
+    warned = [r.getMessage() for r in caplog.records if r.name == "experiments.report"]
+    assert len(warned) == 2 and "sweep.report.curves: no trial logged 'eval/acc'; the trials log " \
+        "eval/loss, eval/top1" in warned[0] and warned[1] == "sweep.report.columns: no trial has 'sizemb'"
     with open(tmp_path / "results.csv") as f:
         rows = {r["trial"]: r for r in csv.DictReader(f)}
     assert rows["k1-lr0.1"]["status"] == "done"
