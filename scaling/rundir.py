@@ -7,9 +7,10 @@ these names and helpers rather than spelling paths itself.
       checkpoints/    Orbax checkpoints of the TrainState, one sub-directory per step
                       (`fit`; the newest `train.keep_checkpoints` are kept). Deterministic.
       progress.json   the trainer's bookkeeping for each kept checkpoint step: the per-step
-                      metrics of the log window in progress and the first window's loss (the
-                      divergence reference), so a relaunch logs and decides exactly as an
-                      uninterrupted run would (`fit`). Deterministic.
+                      metrics of the log window in progress, the first window's loss (the
+                      divergence reference) and the last logged window's means (result.json's
+                      train_loss / train_top1), so a relaunch logs, decides and reports exactly
+                      as an uninterrupted run would (`fit`). Deterministic.
       metrics.jsonl   every logged scalar, one JSON object a line: {"step": s, "train/loss": ...}
                       (`fit`, process 0; truncated to the restored step on resume). Deterministic
                       except `train/images_per_sec`.
@@ -139,7 +140,7 @@ def record_launch(run_dir: str, launch: dict) -> dict:
 
 def read_progress(run_dir: str, step: int) -> dict | None:
     """progress.json's entry for checkpoint `step`: {"window": [per-step metrics],
-    "first_loss": float | None}, or None when there is none."""
+    "first_loss": float | None, "last_train": {metric: mean}}, or None when there is none."""
     progress = read_json(os.path.join(run_dir, PROGRESS)) or {}
     return progress.get(str(int(step)))
 

@@ -161,6 +161,10 @@ def test_resume_is_exact(tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in x]
     assert steps == [2, 4, 6, 8]  # no duplicate of the lost step 6 window
+    # killed after the last checkpoint, before result.json: the relaunch trains no step and
+    # still reports the last window's train_loss / train_top1
+    os.remove(tmp_path / "resumed" / "result.json")
+    assert fit(cfg, str(tmp_path / "resumed")) == full
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):

@@ -261,10 +261,10 @@ def _setup(config: Any, workdir: str, mesh, variables: dict | None, until_step: 
     if restored is not None:
         _check_loader_position(checkpointer.data, data_lib.loader_position(
             train_ds, start, tc.batch_size))
-    window, first_loss = [], None
+    window, first_loss, last_train = [], None, {}
     if restored is not None:
         log.info("resumed from %s at step %d", checkpointer.directory, start)
-        window, first_loss = _carried_over(workdir, restored, mesh)
+        window, first_loss, last_train = _carried_over(workdir, restored, mesh)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=restored)
     if restored is None and is_main:
         writer.text("config", f"```\n{config}\n```")
@@ -290,7 +290,7 @@ def _setup(config: Any, workdir: str, mesh, variables: dict | None, until_step: 
              f"; pausing after step {stop}" if stop < total_steps else "")
     return _Session(config, workdir, mesh, run, train_ds, evaluator, compiled, checkpointer, writer,
                     state, start, stop, train_ds.num_classes, n_params, n_stats, eval_every,
-                    t0 - t_setup, compile_s, is_main, window, first_loss)
+                    t0 - t_setup, compile_s, is_main, window, first_loss, last_train=last_train)
 
 
 def _check_loader_position(saved: dict | None, current: dict) -> None:
@@ -305,17 +305,18 @@ def _check_loader_position(saved: dict | None, current: dict) -> None:
                     ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
 
 
-def _carried_over(workdir: str, step: int, mesh) -> tuple[list, float | None]:
-    """The log window in progress and the divergence reference at checkpoint `step`
+def _carried_over(workdir: str, step: int, mesh) -> tuple[list, float | None, dict]:
+    """The log window in progress, the divergence reference and the last logged window's
+    means (what result.json reports as train_loss / train_top1) at checkpoint `step`
     (progress.json), with the window's per-step metrics back on the devices."""
     entry = rundir.read_progress(workdir, step)
     if entry is None:  # e.g. killed between the checkpoint and its progress record
         log.info("no progress record for step %d: the first log window after it is partial", step)
-        return [], None
+        return [], None, {}
     dtypes = entry.get("dtypes", {})
     window = [{k: np.asarray(v, dtype=dtypes.get(k, "float32")) for k, v in m.items()}
               for m in entry["window"]]
-    return parallel.replicate(window, mesh), entry.get("first_loss")
+    return parallel.replicate(window, mesh), entry.get("first_loss"), entry.get("last_train", {})
 
 
 def _train_loop(s: _Session, on_log: Callable[[int, dict], None] | None) -> bool:
@@ -429,7 +430,8 @@ def _save(s: _Session, step: int, force: bool = False) -> None:
         rundir.write_progress(s.workdir, step, {
             "window": [{k: float(v) for k, v in m.items()} for m in window],
             "dtypes": {k: str(np.asarray(v).dtype) for k, v in window[0].items()} if window else {},
-            "first_loss": s.first_loss}, keep=s.config.train.keep_checkpoints)
+            "first_loss": s.first_loss, "last_train": s.last_train},
+            keep=s.config.train.keep_checkpoints)
 
 
 def _finish(s: _Session, preempted: bool, hparams: dict | None) -> dict:
