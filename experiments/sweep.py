@@ -422,11 +422,14 @@ def study_points(config: Any, workdir: str | None = None) -> list[grid.Point]:
 
 
 def trials_of(config: Any, points: list[grid.Point], workdir: str | None = None) -> list[grid.Trial]:
-    """One trial per (point, seed): `<point>-seed<i>`, or the point's id for a single seed.
+    """One trial per (point, seed): `<point>-seed<i>`, or the point's id for a single seed;
+    its HParams record is the axes whose value differs between points, and the seed.
     A study relaunched with more seeds keeps its single-seed trials as seed 0 (those found
     in WORKDIR/trials), so only the new seeds train."""
     n = int(config.sweep.seeds)
-    axes = list(config.sweep.axes.keys())
+    # TensorBoard's HParams tab shows the first five columns: the axes that vary, seed, status
+    axes = [a for a in config.sweep.axes.keys()
+            if len({repr(p.values.get(a)) for p in points}) > 1]
     trials = []
     for p in points:
         for i in range(n):

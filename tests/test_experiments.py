@@ -124,6 +124,9 @@ def test_seeds_make_trials_of_a_point():
     assert [t.id for t in first] == [f"k1-lr0.1-seed{i}" for i in range(3)]
     assert [t.config.seed for t in first] == [0, 1, 2]
     assert first[1].hparams == {"k": 1, "lr": 0.1, "seed": 1}
+    # an axis of one value is no column of the HParams tab (it only holds the first five)
+    c.sweep.axes.k = (1,)
+    assert sweep.trials_of(c, sweep.build_points(c))[0].hparams == {"lr": 0.1, "seed": 0}
 
 
 def test_compound_points_satisfy_the_constraint_and_rounding():
