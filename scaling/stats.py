@@ -177,6 +177,9 @@ class Comparison:
                     f"{'have' if len(single) > 1 else 'has'} a single seed); more seeds "
                     f"are needed, at least 2 on each side, to tell it from the seed-to-seed noise.")
         lo, hi = sorted((sign * self.ci_low, sign * self.ci_high))
+        if margin == 0 and lo == hi == 0:  # every seed of both the same value
+            return (f"{best_name} and {runner_name} tie: every seed of both has the same "
+                    f"{metric}.")
         if margin >= 0:
             head = f"{best_name} beats {runner_name} by {margin:.{digits}f} {metric}"
         else:

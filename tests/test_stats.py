@@ -76,6 +76,13 @@ def test_compare_overlapping_is_within_noise():
     assert "beyond" not in text
 
 
+def test_compare_identical_seeds_tie():
+    cmp = stats.compare([0.1, 0.1], [0.1, 0.1])
+    assert not cmp.resolved
+    assert cmp.sentence("a", "b") == "a and b tie: every seed of both has the same val_top1."
+    assert "beats" in stats.compare([0.2, 0.2], [0.1, 0.1]).sentence("a", "b")
+
+
 def test_compare_single_seed_cannot_be_judged():
     c = stats.compare([0.81], [0.78, 0.79, 0.77])
     assert c.interval is None and c.ci_low is None and c.df is None and not c.resolved
