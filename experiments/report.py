@@ -529,14 +529,17 @@ def main(argv=None) -> None:
     p.add_argument("workdir")
     a = p.parse_args(argv)
     config = rundir.read_config(a.workdir)
-    if config is None:
-        fail(f"{a.workdir}/config.json: not a sweep workdir (give the --workdir of a "
-             "launch.py sweep).")
-    if config.get("experiment") == "transfer":  # the launch config; its study is stage 2
+    kind = config.get("experiment", "train") if config is not None else None
+    if kind not in ("sweep", "transfer"):
+        fail(f"{a.workdir}: not a sweep workdir ({'no config.json' if kind is None else f'a {kind} run'}"
+             "); give the --workdir of a launch.py sweep or transfer study.")
+    if kind == "transfer":  # the launch config; its study is stage 2
         config = transfer.study_config(config, a.workdir)
-    # the trials' states as they are on disk: a sweep stopped half-way is analysed too
-    rows = grid.collect_rows(a.workdir, sweep.trials_of(config, sweep.study_points(config, a.workdir),
-                                                         a.workdir))
+    try:  # the trials' states as they are on disk: a sweep stopped half-way is analysed too
+        trials = sweep.trials_of(config, sweep.study_points(config, a.workdir), a.workdir)
+    except (ValueError, OSError) as e:  # e.g. a coefficients_from workdir that is gone
+        fail(e)
+    rows = grid.collect_rows(a.workdir, trials)
     grid.write_results(a.workdir, rows)
     write_study(config, a.workdir, rows)
     print(os.path.join(a.workdir, "study.md"))

@@ -280,3 +280,17 @@ def test_compute_optimal_winners_are_told_as_runs_of_one_strategy():
     assert _winner_runs(rows, "gmacs") == [("compound", "at 0.1"), ("width", "from 0.2 to 0.4"),
                                            ("compound", "at 0.5")]
     assert _winner_runs(rows[1:4], "gmacs") == [("width", "from 0.2 to 0.4")]
+
+
+def test_report_of_a_workdir_that_is_no_sweep_is_a_one_line_error(tmp_path, capsys):
+    from scaling import rundir
+
+    for workdir, what in ((tmp_path / "none", "no config.json"), (tmp_path / "train", "a train run")):
+        workdir.mkdir()
+        if what != "no config.json":
+            rundir.write_config(str(workdir), train.get_config("test"))
+        with pytest.raises(SystemExit) as exit_info:
+            report.main([str(workdir)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == (f"error: {workdir}: not a sweep workdir ({what}); give the "
+                                           "--workdir of a launch.py sweep or transfer study.\n")
