@@ -486,6 +486,9 @@ def validate_report(config: Any, points: list[grid.Point]) -> None:
                          f"--config.sweep.report.mode={METRICS[r.metric]}.")
     if r.select not in ("metric", "objective"):
         raise ValueError(f"sweep.report.select={r.select!r}: use metric or objective.")
+    if r.select == "objective" and METRICS[r.metric] != "max":
+        raise ValueError(f"sweep.report.select=objective: ACC * (GMACs / T)^w needs an accuracy, "
+                         f"not {r.metric}; set --config.sweep.report.metric=val_top1.")
     columns = {k for p in points for k in p.values} | set(COSTS) | (
         {"cost_factor", "depth_realized", "width_realized", "resolution_realized"}  # control_cost
         if config.sweep.derive == "compound" else set())

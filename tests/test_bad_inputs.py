@@ -187,6 +187,9 @@ def test_workdir_is_a_file(capsys, tmp_path):
      "sweep.report.metric='val_acc': unknown; use one of val_top1, val_top5, val_loss"),
     (["--config", "configs/wrn_grid.py", "--config.sweep.report.metric=val_loss"],
      "sweep.report.mode='max': val_loss is better when lower; use --config.sweep.report.mode=min"),
+    (["--config", "configs/efficientnet_grid.py", "--config.sweep.report.select=objective",
+      "--config.sweep.report.metric=val_loss", "--config.sweep.report.mode=min"],
+     "sweep.report.select=objective: ACC * (GMACs / T)^w needs an accuracy, not val_loss"),
     (["--config", "configs/wrn_grid.py", "--config.sweep.report.x=('flops',)"],
      "sweep.report.x: 'flops' is not a column of this study; use one of depth, dropout, gmacs, k, l, "
      "params, train_pflop."),
