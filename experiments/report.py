@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from scaling import rundir  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
@@ -70,17 +72,22 @@ def plot_heatmap(rows: list[dict], path: str, *, row_axis: str, col_axis: str,
     return _save(fig, None, path)
 
 
+def logged(run_dir: str) -> list[dict]:
+    """The records of a run's metrics.jsonl ([] when it has none)."""
+    path = os.path.join(run_dir, rundir.METRICS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def learning_curves(run_dirs: dict[str, str], path: str, *, metric: str = "train/loss",
                     title: str = "") -> str | None:
     """One line per run from its metrics.jsonl (x: step)."""
     fig, ax = plt.subplots(figsize=(7, 5))
     drawn = 0
     for name, d in run_dirs.items():
-        f = os.path.join(d, "metrics.jsonl")
-        if not os.path.exists(f):
-            continue
-        pts = [json.loads(line) for line in open(f) if line.strip()]
-        pts = [(p["step"], p[metric]) for p in pts if metric in p]
+        pts = [(p["step"], p[metric]) for p in logged(d) if metric in p]
         if pts:
             ax.plot(*zip(*pts), label=name, marker="." if len(pts) < 30 else None)
             drawn += 1
@@ -340,7 +347,7 @@ def write_study(config: Any, workdir: str, rows: list[dict]) -> dict:
     """The study's analysis from its rows: points.csv, study.json, study.md and the plots."""
     from experiments import grid
     from experiments import sweep as sweep_lib
-    from scaling import rundir, stats
+    from scaling import stats
 
     s, r = config.sweep, config.sweep.report
     metric, mode = r.metric, r.mode
@@ -388,18 +395,16 @@ def write_study(config: Any, workdir: str, rows: list[dict]) -> dict:
     first = {}
     for row in rows:
         first.setdefault(row["point"], os.path.join(workdir, "trials", row["trial"]))
+    finished = any(row.get("status") == "done" for row in rows)  # else nothing is missing yet
     for curve in r.curves:
         plots.append(learning_curves(first, os.path.join(workdir, f"curves_{curve.replace('/', '_')}.png"),
                                      metric=curve, title=f"{title}: {curve} (first seed)"))
-        if plots[-1] is None and any(row.get("status") == "done" for row in rows):
-            logged = set()
-            for d in first.values():
-                path = os.path.join(d, "metrics.jsonl")
-                logged |= {k for line in open(path) for k in json.loads(line)} if os.path.exists(path) else set()
+        if plots[-1] is None and finished:
+            names = {k for d in first.values() for record in logged(d) for k in record} - {"step"}
             log.warning("sweep.report.curves: no trial logged %r; the trials log %s", curve,
-                        ", ".join(sorted(logged - {"step"})))
+                        ", ".join(sorted(names)))
     missing = [c for c in r.columns if all(row.get(c) in (None, "") for row in rows)]
-    if missing and any(row.get("status") == "done" for row in rows):
+    if missing and finished:
         log.warning("sweep.report.columns: no trial has %s", ", ".join(map(repr, missing)))
     if len({row["rung"] for row in table}) > 1:
         plots.append(plot_rungs(table, os.path.join(workdir, "rungs.png"), r.metric))
@@ -521,7 +526,6 @@ def main(argv=None) -> None:
     """Re-analyses a finished or partly finished sweep workdir: results.csv/json, study.md,
     study.json and the plots."""
     from experiments import grid, sweep, transfer
-    from scaling import rundir
     from scaling.cli import fail
 
     p = argparse.ArgumentParser(description="Analyse a sweep workdir: writes study.md, study.json "

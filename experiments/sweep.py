@@ -435,7 +435,8 @@ def trials_of(config: Any, points: list[grid.Point], workdir: str | None = None)
         for i in range(n):
             cfg = copy.deepcopy(p.config)
             cfg.seed = int(config.seed) + i
-            recorded = rundir.read_config(os.path.join(workdir, "trials", p.id)) if workdir and i == 0 else None
+            recorded = (rundir.read_config(os.path.join(workdir, "trials", p.id))
+                        if workdir and n > 1 and i == 0 else None)
             single = recorded is not None and recorded.get("seed") == cfg.seed
             tid = p.id if n == 1 or single else f"{p.id}-seed{i}"
             hparams = {**{a: p.values[a] for a in axes if a in p.values}, "seed": cfg.seed}
@@ -489,9 +490,8 @@ def validate_report(config: Any, points: list[grid.Point]) -> None:
     if r.select == "objective" and METRICS[r.metric] != "max":
         raise ValueError(f"sweep.report.select=objective: ACC * (GMACs / T)^w needs an accuracy, "
                          f"not {r.metric}; set --config.sweep.report.metric=val_top1.")
-    columns = {k for p in points for k in p.values} | set(COSTS) | (
-        {"cost_factor", "depth_realized", "width_realized", "resolution_realized"}  # control_cost
-        if config.sweep.derive == "compound" else set())
+    columns = {k for p in points for k in p.values} | set(COSTS) | (  # + what control_cost adds
+        set(report.POINT_COLUMNS) if config.sweep.derive == "compound" else set())
     named = {"x": tuple(r.x), "group": (r.group,) if r.group else (), "heatmap": tuple(r.heatmap),
              "label": (r.label,) if r.label != "point" else ()}
     for field, names in named.items():
