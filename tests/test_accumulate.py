@@ -198,5 +198,8 @@ def test_a_sweeps_preflight_splits_a_trial_over_its_memory_budget_before_calling
     pre = grid.preflight(config, memory_limit_mb=budget_mb)
     assert pre["grad_accum_steps"] == 2 and pre["peak_memory_mb"] == need[2] / 1e6
     assert config.train.grad_accum_steps == 1          # the trial's config is not changed here
-    with pytest.raises(memory.DoesNotFit):
+    with pytest.raises(memory.DoesNotFit) as e:
         grid.preflight(config, memory_limit_mb=(need[8] - 1) / 1e6)
+    # in the budget's own unit (results.csv's peak_memory_mb), not MiB next to an MB field
+    limit = f"{(need[8] - 1) / 1e6:.0f} MB is available (grid.max_memory_mb="
+    assert f"needs about {need[1] / 1e6:.0f} MB per device" in str(e.value) and limit in str(e.value)

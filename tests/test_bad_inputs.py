@@ -253,6 +253,17 @@ def test_relaunch_with_a_changed_config_stops_and_names_the_fields(capsys, tmp_p
     assert "model.convs_per_block: 1 -> (absent)" in changes
 
 
+def test_an_eval_workdir_given_another_evaluation_says_so_not_resuming(tmp_path):
+    """An evaluation has nothing to resume: the refusal says what the workdir holds."""
+    config = cli.load_config("configs/eval.py", [("eval.workdir", str(tmp_path / "run"))])
+    rundir.write_config(str(tmp_path), config)
+    other = cli.load_config("configs/eval.py", [("eval.workdir", str(tmp_path / "other"))])
+    with pytest.raises(ValueError, match="holds the evaluation of another config") as e:
+        cli.check_relaunch(other, str(tmp_path), accept_change=False)
+    assert "eval.workdir" in str(e.value) and "resuming" not in str(e.value)
+    assert cli.check_relaunch(other, str(tmp_path), accept_change=True)
+
+
 # ----------------------------------------------------------------------------- the script
 def test_entry_point_prints_one_line(tmp_path):
     """python launch.py itself: one line, status 2, for an error in the config file and one

@@ -120,7 +120,11 @@ def eval_step_bytes(config: Any, mesh, eval_batch_size: int) -> int | None:
     return compiled_memory(step.lower(run.state_spec, spec).compile()).get("peak_bytes")
 
 
-def _bytes(n: float) -> str:
+def _bytes(n: float, source: str = "") -> str:
+    """n bytes in the unit of the limit's `source`: decimal MB for a `..._mb` budget such as
+    grid.max_memory_mb (as results.csv's peak_memory_mb), else GiB / MiB."""
+    if "_mb" in source:
+        return f"{n / 1e6:.0f} MB"
     return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
 
 
@@ -153,8 +157,8 @@ def plan_train(config: Any, mesh, limit: int, source: str) -> tuple[int, int | N
         else:
             lo = mid + 1
     head = (f"train.batch_size={batch}: a train step of {_what(config)} in {k0} "
-            f"microbatch{'es' if k0 > 1 else ''} needs about {_bytes(need)} per device (XLA's "
-            f"estimate) and {_bytes(limit)} is available ({source})")
+            f"microbatch{'es' if k0 > 1 else ''} needs about {_bytes(need, source)} per device (XLA's "
+            f"estimate) and {_bytes(limit, source)} is available ({source})")
     if fits is None:
         raise DoesNotFit(f"{head}; even one example per device does not fit: use a smaller "
                          "model or input (--config.data.image_size), or more devices.")
@@ -164,7 +168,7 @@ def plan_train(config: Any, mesh, limit: int, source: str) -> tuple[int, int | N
                          "--config.train.auto_accumulate=True.")
     log.info("memory: a train step of %s at batch %d does not fit in %s (%s); training in "
              "grad_accum_steps=%d microbatches of %d (about %s per device)", _what(config), batch,
-             _bytes(limit), source, fits[0], batch // fits[0], _bytes(fits[1]))
+             _bytes(limit, source), source, fits[0], batch // fits[0], _bytes(fits[1], source))
     return fits
 
 
