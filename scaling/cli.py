@@ -372,11 +372,11 @@ def check_relaunch(config: Any, workdir: str, accept_change: bool) -> bool:
         return False
     shown = "; ".join(changes[:_MAX_SHOWN])
     more = f"; and {len(changes) - _MAX_SHOWN} more" if len(changes) > _MAX_SHOWN else ""
-    if not accept_change and config.get("experiment") == "eval":  # nothing to resume
-        raise ValueError(
-            f"--workdir {workdir} holds the evaluation of another config ({shown}{more}). "
-            "Use a new --workdir, or pass --accept_config_change to replace its eval.json.")
     if not accept_change:
+        if config.get("experiment") == "eval":  # an evaluation has nothing to resume
+            raise ValueError(
+                f"--workdir {workdir} holds the evaluation of another config ({shown}{more}). "
+                "Use a new --workdir, or pass --accept_config_change to replace its eval.json.")
         raise ValueError(
             f"--workdir {workdir} was started with another config ({shown}{more}); resuming "
             "with this one would not reproduce one uninterrupted run. Relaunch with the "
